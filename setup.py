@@ -16,7 +16,7 @@ setup(
         "requests>=2.31",
         "blinker>=1.7",
     ],
-    entry_points={"console_scripts": ["glb = glb.cli:main"]},
+    entry_points={"console_scripts": ["glb = glb.__main__:main"]},
     classifiers=[
         "Programming Language :: Python :: 3.11",
         "Framework :: Gevent",

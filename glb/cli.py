@@ -1,0 +1,101 @@
+"""Command line: run glb in the foreground, or ``--check`` a config and its handler modules.
+
+Exit status: 0 on a clean stop or a good check, 2 for a bad config or handler
+module (one line naming the file, section, key and reason), 1 for anything else.
+"""
+
+import argparse
+import logging
+import signal
+import sys
+
+import gevent
+import gevent.event
+
+from glb import __version__, config
+from glb.errors import ConfigError, HandlerLoadError
+from glb.handlers import inspect_module
+
+log = logging.getLogger("glb")
+
+EXIT_BAD_CONFIG = 2
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="glb",
+        description="WebSocket and HTTP load balancer. Runs in the foreground until SIGINT or "
+                    "SIGTERM, then closes open sessions with 1001 \"going away\".",
+        epilog="Settings reference: README.md. Example: python -m glb conf/lb.ini")
+    parser.add_argument("config", help="path of the INI config file (for example conf/lb.ini)")
+    parser.add_argument("--check", action="store_true",
+                        help="validate the config and handler modules, then exit 0 (good) or 2 (bad)")
+    parser.add_argument("--version", action="version", version=f"glb {__version__}")
+    return parser
+
+
+def setup_logging(level):
+    logging.basicConfig(level=getattr(logging, level.upper()), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+
+
+def check(settings):
+    """Import every handler module and report unknown ``on_*`` names; raise on failure."""
+    warnings = []
+    for name in settings.handlers.modules:
+        warnings.extend(inspect_module(name)[2])
+    return warnings
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        settings = config.load(args.config)
+        setup_logging(settings.glb.log_level)
+        warnings = check(settings)
+    except (ConfigError, HandlerLoadError) as exc:
+        print(f"glb: {exc}", file=sys.stderr)
+        sys.exit(EXIT_BAD_CONFIG)
+    for warning in warnings:
+        log.warning("%s", warning)
+    if args.check:
+        print(f"glb: {args.config} is valid")
+        sys.exit(0)
+    sys.exit(run(settings))
+
+
+def run(settings):
+    from glb.server import Balancer  # after config is known to be good
+
+    try:
+        balancer = Balancer(settings)
+        balancer.start()
+    except (ConfigError, HandlerLoadError) as exc:
+        print(f"glb: {exc}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    except OSError as exc:
+        print(f"glb: cannot listen: {exc}", file=sys.stderr)
+        return 1
+    demo = start_demo(settings, balancer)
+    stop_requested = gevent.event.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        gevent.signal_handler(signum, stop_requested.set)
+    log.info("= glb %s ready (%d listener(s)); stop with Ctrl-C", __version__, len(balancer.servers))
+    stop_requested.wait()
+    log.info("= stopping: no new connections; closing open sessions with 1001")
+    if demo is not None:
+        demo.stop()
+    balancer.stop()
+    log.info("= stopped")
+    return 0
+
+
+def start_demo(settings, balancer):
+    """Start the ``[demo]`` backends, if the config asks for them."""
+    if not settings.demo.backends:
+        return None
+    from glb.demo_backend import DemoFleet
+
+    fleet = DemoFleet(settings.demo.backends, balancer.addresses[0], token=settings.backends.token or None)
+    fleet.start()
+    return fleet

@@ -1,0 +1,85 @@
+"""Own sessions: WebSockets glb terminates itself, starting with the ``echo`` endpoint.
+
+The echo endpoint sends every message back unchanged and echoes the close code
+and reason, so operators can check a running glb and the WebSocket layer is
+testable (Autobahn included) without any backend.
+"""
+
+from glb.connection import OWN
+from glb.websocket import OP_BINARY, OP_CONTINUATION, OP_TEXT
+
+
+class OwnSession:
+    """Base for own sessions: fires ``raw_message``, ``fragmented``, ``message`` and ``binary``."""
+
+    kind = OWN
+    response_headers = ()
+    raw_source = "client"
+
+    def __init__(self, balancer, conn):
+        self.balancer = balancer
+        self.bus = balancer.bus
+        self.conn = conn
+
+    @classmethod
+    def prepare(cls, balancer, conn, environ):
+        return cls(balancer, conn)
+
+    def abandon(self, reason):
+        """The 101 could not be written; nothing was set up, so nothing to undo."""
+
+    def run(self):
+        ws = self.conn.websocket
+        while True:
+            if self.bus.fragmented.receivers:
+                message = self._receive_reporting_fragments(ws)
+            else:
+                message = ws.receive()
+            if message is None:
+                break
+            self.on_message(message)
+        if ws.close_code not in (1000, 1001, 1005) and ws.closed_by == "error":
+            self.balancer.report_error(self.conn, f"connection ended: {ws.close_code} {ws.close_reason}")
+
+    def _receive_reporting_fragments(self, ws):
+        """Like ``receive()``, firing ``fragmented`` for every data frame on the way."""
+        parts, opcode = [], None
+        while True:
+            frame = ws.receive_frame()
+            if frame is None:
+                return None
+            if frame.opcode not in (OP_TEXT, OP_BINARY, OP_CONTINUATION):
+                continue
+            if frame.opcode != OP_CONTINUATION:
+                opcode = frame.opcode
+            self.bus.fire(self.bus.fragmented, connection=self.conn, data=frame.payload,
+                          opcode=frame.opcode, continuation=frame.opcode == OP_CONTINUATION,
+                          final=frame.fin)
+            parts.append(frame.payload)
+            if frame.fin:
+                data = b"".join(parts)
+                return data.decode("utf-8") if opcode == OP_TEXT else data
+
+    def on_message(self, message):
+        """Fire the events for one complete message; returns True if a handler consumed it."""
+        bus = self.bus
+        if isinstance(message, str):
+            if bus.raw_message.receivers:
+                event = bus.fire(bus.raw_message, connection=self.conn, text=message,
+                                 source=self.raw_source)
+                if event.handled:
+                    return True
+            if bus.message.receivers:
+                return bus.fire(bus.message, connection=self.conn, text=message).handled
+            return False
+        if bus.binary.receivers:
+            return bus.fire(bus.binary, connection=self.conn, data=message).handled
+        return False
+
+
+class EchoSession(OwnSession):
+    """``<prefix>echo``: every message back unchanged; close code and reason echoed."""
+
+    def on_message(self, message):
+        if not super().on_message(message):
+            self.conn.websocket.send(message)

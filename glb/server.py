@@ -1,0 +1,287 @@
+"""Server wiring: listeners, routing, the upgrade path and graceful shutdown.
+
+``Balancer`` is one running glb. Each listener is a gevent ``WSGIServer`` with
+``UpgradeHandler`` (gevent-websocket's handler, with glb's handshake checks).
+A valid upgrade becomes a *session*: an object with ``response_headers`` and
+``run()`` chosen by path (own echo, control channel, client relay). The 101 is
+written by glb, then the socket is detached from pywsgi so the handler, its
+environ and its buffers are freed while the session lives in its own greenlet.
+"""
+
+import http
+import logging
+import socket as stdlib_socket
+
+import gevent
+from gevent.pool import Group
+from gevent.pywsgi import WSGIHandler, WSGIServer
+from geventwebsocket.handler import WebSocketHandler
+
+from glb import handshake
+from glb.balancing import PickRequest, make_policy
+from glb.control import SGC_BINDING_PATH, SGC_CONTROL_PATH, BindingEndpoint, ControlSession
+from glb.connection import CLIENT, CONTROL, OWN, Connection, headers_from_environ
+from glb.errors import CloseCode, Status
+from glb.events import EventBus
+from glb.handlers import load_handlers
+from glb.own_sessions import EchoSession
+from glb.registry import Registry
+from glb.websocket import WebSocket
+
+log = logging.getLogger("glb.server")
+
+
+def status_line(code, reason=""):
+    try:
+        phrase = http.HTTPStatus(code).phrase
+    except ValueError:
+        phrase = reason or "Error"
+    return f"{code} {phrase}"
+
+
+class UpgradeHandler(WebSocketHandler):
+    """pywsgi handler: upgrades go to the balancer, everything else to the WSGI app."""
+
+    def run_application(self):
+        if handshake.is_upgrade_request(self.environ):
+            self.server.balancer.handle_upgrade(self)
+        else:
+            WSGIHandler.run_application(self)
+
+    def log_request(self):
+        # access lines come from the access_log handler module, not pywsgi
+        pass
+
+
+class Balancer:
+    """One running glb: settings, event bus, backend pool, listeners and open sessions."""
+
+    def __init__(self, settings, handler_modules=None):
+        self.settings = settings
+        self.bus = EventBus()
+        modules = settings.handlers.modules if handler_modules is None else handler_modules
+        for warning in load_handlers(modules, self.bus):
+            log.warning("%s", warning)
+        self.registry = Registry()
+        for static in settings.backends_static:
+            self.registry.add_static(static.name, static.url, http=static.http,
+                                     weight=static.weight, max_clients=static.max_clients)
+        self.policy = make_policy(settings.glb.balancing, hash_key=settings.glb.hash_key)
+        self.prefix = settings.glb.prefix
+        self.connections = {}  # id -> Connection, every open WebSocket
+        self.sessions = Group()  # every session greenlet, so stop() can wait for them
+        self.servers = []
+        self.stopping = False
+        self.control_channels = {}  # guid -> ControlSession whose server data was accepted
+        self.ws_routes = {
+            self.prefix + "echo": EchoSession,
+            self.prefix + "control": ControlSession,
+            SGC_CONTROL_PATH: ControlSession,
+        }
+        binding_endpoint = BindingEndpoint(self)
+        self.http_routes = {
+            SGC_BINDING_PATH: binding_endpoint,
+            self.prefix + "binding": binding_endpoint,
+        }
+
+    # -- listeners ---------------------------------------------------------
+
+    def start(self):
+        """Bind every listener and start accepting; returns the bound (host, port) list."""
+        for host, port in self.settings.glb.listen:
+            server = WSGIServer((host, port), self.wsgi_app, handler_class=UpgradeHandler,
+                                log=None, error_log=_PywsgiErrorLog())
+            server.balancer = self
+            server.start()
+            self.servers.append(server)
+            log.info("= listening on http://%s", _format_address(server.address))
+        return self.addresses
+
+    @property
+    def addresses(self):
+        return [server.address[:2] for server in self.servers]
+
+    def stop(self, timeout=None):
+        """Stop accepting, close every session with 1001, wait up to ``timeout``, then kill."""
+        timeout = self.settings.glb.shutdown_timeout if timeout is None else timeout
+        self.stopping = True
+        for server in self.servers:
+            server.close()
+        for conn in list(self.connections.values()):
+            gevent.spawn(_close_quietly, conn, CloseCode.GOING_AWAY, "going away")
+        if not self.sessions.join(timeout=timeout):
+            log.warning("= %d sessions still open after %.1fs; ending them",
+                        len(self.sessions), timeout)
+            self.sessions.kill(block=True, timeout=1)
+        for server in self.servers:
+            server.stop(timeout=0)
+
+    # -- plain HTTP --------------------------------------------------------
+
+    def wsgi_app(self, environ, start_response):
+        route = self.http_routes.get(environ.get("PATH_INFO", ""))
+        if route is not None:
+            return route(environ, start_response)
+        return self.forward_http(environ, start_response)
+
+    def forward_http(self, environ, start_response):
+        proxy = self.__dict__.get("http_proxy")
+        if proxy is None:  # created on first use: glb.http_proxy owns plain HTTP
+            from glb.http_proxy import HttpProxy
+            proxy = self.http_proxy = HttpProxy(self)
+        return proxy(environ, start_response)
+
+    # -- upgrades ----------------------------------------------------------
+
+    def handle_upgrade(self, handler):
+        environ = handler.environ
+        rejection = handshake.check_upgrade(environ)
+        if rejection is not None:
+            log.info("! %s bad upgrade for %s: %s", handler.client_address[0],
+                     environ.get("PATH_INFO"), rejection)
+            return _respond(handler, rejection)
+        path = environ.get("PATH_INFO", "/")
+        session_class, kind = self.route_upgrade(path)
+        if session_class is None:
+            return _respond(handler, handshake.Rejection(Status.NOT_FOUND, f"no WebSocket endpoint at {path}"))
+        conn = Connection(handler.client_address, path, environ.get("QUERY_STRING", ""),
+                          headers_from_environ(environ), kind,
+                          secure=environ.get("wsgi.url_scheme") == "https")
+        response_headers = {}
+        event = self.bus.fire(self.bus.handshake, connection=conn, request_headers=conn.headers,
+                              response_headers=response_headers)
+        if event is not None and event.rejection is not None:
+            code, reason = event.rejection
+            log.info("! %s handshake rejected by handler: %s %s", conn.id, code, reason)
+            return _respond(handler, handshake.Rejection(status_line(code), reason or status_line(code)))
+        session = session_class.prepare(self, conn, environ)
+        if isinstance(session, handshake.Rejection):
+            return _respond(handler, session)
+        extra = list(session.response_headers) + list(response_headers.items())
+        try:
+            conn.websocket, detached = accept_websocket(
+                handler, extra, max_message_size=self.settings.glb.max_message_size, connection=conn)
+        except OSError as exc:
+            session.abandon(f"101 could not be written: {exc}")
+            return
+        if detached:
+            self.sessions.spawn(self.run_session, conn, session)
+        else:
+            self.sessions.add(gevent.getcurrent())
+            self.run_session(conn, session)
+
+    def route_upgrade(self, path):
+        """(session class, connection kind) for an upgrade path; (None, None) for glb paths it lacks."""
+        session_class = self.ws_routes.get(path)
+        if session_class is not None:
+            return session_class, session_class.kind
+        if path.startswith(self.prefix):
+            return None, None
+        return self.client_session_class, CLIENT
+
+    client_session_class = None  # set when the relay is wired in
+
+    def run_session(self, conn, session):
+        """The one place a WebSocket session lives and ends: events fire exactly once each."""
+        ws = conn.websocket
+        self.connections[conn.id] = conn
+        try:
+            self.bus.fire(self.bus.connect, connection=conn)
+            if self.stopping:
+                ws.close(CloseCode.GOING_AWAY, "going away")
+            else:
+                session.run()
+        except Exception as exc:
+            log.exception("! %s session failed", conn.id)
+            self.bus.fire(self.bus.exception, connection=conn, exception=exc)
+            _close_quietly(conn, CloseCode.INTERNAL_ERROR, "internal error")
+        finally:
+            if not ws.closed:
+                _close_quietly(conn, CloseCode.INTERNAL_ERROR, "session ended")
+            self.connections.pop(conn.id, None)
+            self.bus.fire(self.bus.disconnect, connection=conn, code=ws.close_code,
+                          reason=ws.close_reason)
+
+    def report_error(self, conn, text):
+        """A protocol or I/O error on one of glb's connections: log it and fire ``error``."""
+        log.info("! %s %s", conn.id if conn is not None else "-", text)
+        self.bus.fire(self.bus.error, connection=conn, error=text)
+
+    def pick_request(self, environ):
+        return PickRequest.from_environ(environ)
+
+    def pick_backend(self, request=None, exclude=()):
+        return self.policy.pick(self.registry.candidates(), request=request, exclude=exclude)
+
+
+def _close_quietly(conn, code, reason):
+    try:
+        conn.websocket.close(code, reason)
+    except Exception:  # closing a connection that is already broken is not news
+        log.debug("= %s close failed", conn.id, exc_info=True)
+
+
+def _respond(handler, rejection):
+    """Answer an upgrade with an HTTP error and close the connection."""
+    handler.close_connection = True
+    handler.start_response(rejection.status, rejection.headers + [("Connection", "close")])
+    handler.write(rejection.body)
+
+
+def accept_websocket(handler, extra_headers=(), max_message_size=16 << 20, connection=None):
+    """Write the 101 for a validated upgrade and take the socket from pywsgi.
+
+    Returns ``(WebSocket, detached)``; when detached, the caller must run the
+    session in a greenlet of its own and let the handler return.
+    """
+    key = handler.environ["HTTP_SEC_WEBSOCKET_KEY"]
+    handler.socket.sendall(handshake.switching_protocols(key, extra_headers))
+    handler.status = Status.SWITCHING_PROTOCOLS
+    handler.headers_sent = True
+    sock, leftover, detached = _take_socket(handler)
+    websocket = WebSocket(sock, server_side=True, initial=leftover, connection=connection,
+                          max_message_size=max_message_size)
+    return websocket, detached
+
+
+def _take_socket(handler):
+    """Take the upgraded socket from pywsgi: (socket, bytes already buffered, detached?).
+
+    A plain socket is detached into a new socket object, so pywsgi's close of
+    its own object is a no-op and the handler greenlet can end. A TLS socket
+    cannot be detached; its session runs in the handler greenlet instead.
+    """
+    sock = handler.socket
+    timeout = sock.gettimeout()
+    sock.settimeout(0)
+    try:
+        leftover = handler.rfile.read1(65536) or b""
+    except OSError:
+        leftover = b""
+    sock.settimeout(timeout)
+    handler.close_connection = True
+    handler.socket = None
+    detached = type(sock).__name__ == "socket" and sock.family in (
+        stdlib_socket.AF_INET, stdlib_socket.AF_INET6, stdlib_socket.AF_UNIX)
+    if detached:
+        fd = sock.detach()
+        sock = stdlib_socket.socket(fileno=fd)
+        sock.settimeout(timeout)
+    return sock, leftover, detached
+
+
+def _format_address(address):
+    host, port = address[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class _PywsgiErrorLog:
+    """pywsgi's error log, routed to logging."""
+
+    def write(self, text):
+        text = text.strip()
+        if text:
+            log.warning("! pywsgi: %s", text)
+
+    def flush(self):
+        pass

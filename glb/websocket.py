@@ -1,0 +1,619 @@
+"""WebSocket connections over gevent sockets: glb's replacement for gevent-websocket's WebSocket.
+
+The protocol rules live in ``glb.frames`` (socket-free); this module only
+moves bytes and keeps the closing state. Its names are re-exported here so
+callers can import everything WebSocket-related from one place.
+
+Closing, in one table (``closed_by`` / ``close_code`` / ``close_reason``)::
+
+    how it ended                          closed_by  close_code            socket
+    peer sent a close frame               "peer"     peer's code (1005     echoed, then closed
+                                                     if none)
+    close() called here first             "local"    the code we sent      after the peer's reply
+                                                                           or ``wait`` seconds
+    peer broke the protocol               "error"    1002 / 1007 / 1009    close sent, then closed
+    EOF, socket error or send timeout     "error"    1006                  closed, no close frame
+    abort()                               "local"    1006                  closed, no close frame
+
+Who closes TCP first follows RFC 6455 §7.1.1: a server side closes the socket
+as soon as the handshake is complete; a client side (and either side after
+a protocol error, having half-closed) first reads until the peer's EOF, for
+at most ``close_timeout`` seconds, so the peer's unread bytes cannot turn
+our FIN into an RST that loses the close frame. Whichever way it ended, the
+socket is closed once receive() has returned None or close() has returned.
+
+Nothing is ever written implicitly: there is no ``__del__``, so an unclosed
+WebSocket that is garbage-collected sends no close frame.
+"""
+import base64
+import hashlib
+import logging
+import os
+import socket
+from urllib.parse import urlsplit
+
+import gevent
+import gevent.socket
+import gevent.ssl
+from gevent.event import Event
+from gevent.lock import Semaphore
+
+from glb.errors import CloseCode, ConnectionClosed, HandshakeFailed, ProtocolError
+from glb.frames import (  # re-exported: see __all__
+    CONTROL_OPCODES,
+    DATA_OPCODES,
+    MAX_CONTROL_PAYLOAD,
+    OP_BINARY,
+    OP_CLOSE,
+    OP_CONTINUATION,
+    OP_PING,
+    OP_PONG,
+    OP_TEXT,
+    Control,
+    Frame,
+    FrameHeader,
+    FrameReader,
+    FrameScanner,
+    Violation,
+    apply_mask,
+    check_header,
+    encode_close_payload,
+    encode_frame,
+    parse_close_payload,
+    parse_frame_header,
+)
+
+__all__ = [
+    "OP_CONTINUATION", "OP_TEXT", "OP_BINARY", "OP_CLOSE", "OP_PING", "OP_PONG",
+    "CONTROL_OPCODES", "DATA_OPCODES", "MAX_CONTROL_PAYLOAD",
+    "Frame", "FrameHeader", "Control", "Violation", "FrameReader", "FrameScanner",
+    "apply_mask", "check_header", "encode_frame", "encode_close_payload", "parse_close_payload",
+    "parse_frame_header", "DEFAULT_MAX_MESSAGE_SIZE", "WebSocket", "connect",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_MESSAGE_SIZE = 16 * 1024 * 1024
+RECV_SIZE = 64 * 1024
+MAX_RESPONSE_HEAD = 64 * 1024
+MAX_ERROR_BODY = 64 * 1024
+WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+# The caller's headers pass through verbatim except these, which belong to this handshake.
+HANDSHAKE_HEADERS = frozenset(
+    {"upgrade", "connection", "sec-websocket-key", "sec-websocket-version", "sec-websocket-accept"}
+)
+
+
+class WebSocket:
+    """One WebSocket connection, after the opening handshake.
+
+    ``server_side=True``: this side is the server (expects masked frames,
+    sends unmasked). ``initial`` is bytes already read past the handshake.
+    One greenlet may receive while any number send: each frame is written
+    whole under a lock. Fragments sent with ``send_frame`` by several
+    greenlets at once can still interleave; that is the caller's to avoid.
+    """
+
+    def __init__(self, sock, *, server_side, max_message_size=DEFAULT_MAX_MESSAGE_SIZE,
+                 initial=b"", connection=None, auto_pong=True, send_timeout=None,
+                 close_timeout=2.0):
+        self._sock = sock
+        self.server_side = server_side
+        self.connection = connection
+        self.auto_pong = auto_pong
+        self.send_timeout = send_timeout  # seconds a send may block; then the connection is dropped
+        self.close_timeout = close_timeout  # seconds to wait for the peer's EOF when the closing is ours to finish
+        self._mask = not server_side
+        self._reader = FrameReader(max_message_size, expect_masked=server_side)
+        if initial:
+            self._reader.feed(initial)
+        self._write_lock = Semaphore()
+        self._reader_idle = Event()  # cleared while a greenlet is inside receive_frame()
+        self._reader_idle.set()
+        self._close_sent = False
+        self._close_received = False
+        self._socket_closed = Event()
+        self._closed_by = None
+        self._close_code = None
+        self._close_reason = None
+
+    def __repr__(self):
+        side = "server" if self.server_side else "client"
+        state = f"closed by {self._closed_by} {self._close_code}" if self._closed_by else "open"
+        return f"<WebSocket {side} side {self.connection!r} {state}>"
+
+    @property
+    def sock(self):
+        return self._sock
+
+    @property
+    def closed(self):
+        """True once closing has begun (either way); nothing more can be sent."""
+        return self._closed_by is not None
+
+    @property
+    def closed_by(self):
+        """``"peer"``, ``"local"`` or ``"error"`` (see the module table); None while open."""
+        return self._closed_by
+
+    @property
+    def close_code(self):
+        return self._close_code
+
+    @property
+    def close_reason(self):
+        return self._close_reason
+
+    @property
+    def max_message_size(self):
+        return self._reader.max_message_size
+
+    # -- receiving ---------------------------------------------------------
+
+    def receive(self):
+        """The next message (text as str, binary as bytes), or None once the connection is closed."""
+        frame = self.receive_frame()
+        while frame is not None and frame.opcode >= OP_CLOSE:
+            if frame.opcode == OP_CLOSE:
+                return None
+            frame = self.receive_frame()
+        if frame is None:
+            return None
+        is_text = frame.opcode == OP_TEXT
+        if frame.fin:
+            return frame.text if is_text else frame.payload
+        parts = [frame.text if is_text else frame.payload]
+        while True:
+            frame = self.receive_frame()
+            if frame is None or frame.opcode == OP_CLOSE:
+                return None
+            if frame.opcode == OP_CONTINUATION:
+                parts.append(frame.text if is_text else frame.payload)
+                if frame.fin:
+                    return "".join(parts) if is_text else b"".join(parts)
+
+    def receive_frame(self):
+        """The next frame, control frames included; None once the connection is closed.
+
+        The protocol's duties are done before the frame is returned: a ping
+        has been answered (if ``auto_pong``), a close frame has been echoed
+        and the socket closed (so the call after a close frame returns None).
+        Data frames come unmasked and validated, text fragments with
+        ``Frame.text`` decoded so far.
+        """
+        if self._close_received or self._socket_closed.is_set():
+            return None
+        if not self._reader_idle.is_set():
+            raise RuntimeError("another greenlet is already receiving on this WebSocket")
+        self._reader_idle.clear()
+        try:
+            return self._receive_frame()
+        finally:
+            self._reader_idle.set()
+
+    def _receive_frame(self):
+        try:
+            frame = self._read_frame()
+        except ProtocolError as exc:
+            self._fail(exc.code, exc.reason)
+            return None
+        except ConnectionClosed as exc:
+            self._lost(exc.reason)
+            return None
+        except OSError as exc:
+            self._lost(f"receive failed: {exc}")
+            return None
+        if frame.opcode == OP_PING:
+            if self.auto_pong:
+                self._send_quietly(encode_frame(OP_PONG, frame.payload, mask=self._mask))
+        elif frame.opcode == OP_CLOSE:
+            self._on_peer_close(frame.payload)
+        return frame
+
+    def _read_frame(self):
+        reader = self._reader
+        while True:
+            frame = reader.next_frame()
+            if frame is not None:
+                return frame
+            data = self._sock.recv(RECV_SIZE)
+            if not data:
+                raise ConnectionClosed(CloseCode.ABNORMAL, "connection closed without a close frame")
+            reader.feed(data)
+
+    def take_unread(self):
+        """Bytes received but not yet parsed (``initial`` included), for a caller switching to raw relaying."""
+        return self._reader.take_unread()
+
+    # -- sending -----------------------------------------------------------
+
+    def send(self, message, binary=None):
+        """Send one message: str as text, bytes as binary, bytes with ``binary=False`` as text verbatim."""
+        if isinstance(message, str):
+            payload = message.encode("utf-8")
+            opcode = OP_BINARY if binary else OP_TEXT
+        elif isinstance(message, (bytes, bytearray, memoryview)):
+            payload = message
+            opcode = OP_TEXT if binary is False else OP_BINARY
+            if opcode == OP_TEXT:
+                try:
+                    bytes(payload).decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise ValueError(f"text message is not valid UTF-8: {exc}") from None
+        else:
+            raise TypeError(f"cannot send a {type(message).__name__} as a WebSocket message")
+        self._write(encode_frame(opcode, payload, mask=self._mask))
+
+    def send_frame(self, opcode, payload, fin=True):
+        """Send one frame as given (fragments of a text message are not validated here); not for close."""
+        if opcode == OP_CLOSE:
+            raise ValueError("send a close frame with close()")
+        if opcode in CONTROL_OPCODES:
+            payload = _control_payload(payload)
+        elif opcode not in DATA_OPCODES:
+            raise ValueError(f"unknown opcode {opcode:#x}")
+        self._write(encode_frame(opcode, payload, fin=fin, mask=self._mask))
+
+    def send_raw(self, data, close=None):
+        """Write already-encoded frames whole, under the same lock as every other send.
+
+        ``close=(code, reason)`` says ``data`` ends with a close frame with that
+        status, so this connection counts as closed by us (a relay forwarding
+        a close frame unchanged).
+        """
+        if close is None:
+            self._write(data)
+            return
+        if self._close_sent or self._socket_closed.is_set():
+            raise ConnectionClosed(self._close_code, self._close_reason or "")
+        self._set_closed("local", *close)
+        self._write(data, closing=True)
+
+    def ping(self, payload=b""):
+        self.send_frame(OP_PING, payload)
+
+    def pong(self, payload=b""):
+        self.send_frame(OP_PONG, payload)
+
+    def _write(self, data, closing=False, timeout=None):
+        """Write ``data`` whole; a failure or timeout drops the connection and raises ConnectionClosed."""
+        if timeout is None:
+            timeout = self.send_timeout
+        timer = None if timeout is None else gevent.Timeout.start_new(timeout)
+        try:
+            with self._write_lock:
+                if self._close_sent or self._socket_closed.is_set():
+                    raise ConnectionClosed(self._close_code or CloseCode.ABNORMAL, self._close_reason or "")
+                if closing:
+                    self._close_sent = True
+                self._sock.sendall(data)
+        except gevent.Timeout as exc:
+            if exc is not timer:
+                raise
+            reason = f"send blocked over {timeout} s (slow reader)"
+            self._lost(reason)
+            raise ConnectionClosed(CloseCode.ABNORMAL, reason) from None
+        except OSError as exc:
+            reason = f"send failed: {exc}"
+            self._lost(reason)
+            raise ConnectionClosed(CloseCode.ABNORMAL, reason) from None
+        finally:
+            if timer is not None:
+                timer.close()
+
+    def _send_quietly(self, data, closing=False, timeout=None):
+        """A send the protocol makes on its own: if the connection is gone, there is nobody to tell."""
+        try:
+            self._write(data, closing=closing, timeout=timeout)
+        except ConnectionClosed:
+            pass
+
+    # -- closing -----------------------------------------------------------
+
+    def close(self, code=CloseCode.NORMAL, reason="", wait=2.0):
+        """Start (or finish) the closing handshake; only the first call does anything.
+
+        Sends the close frame, then waits up to ``wait`` seconds for the
+        peer's close: while another greenlet is inside receive(), that
+        greenlet reads (and gets the messages still in flight, then None);
+        whenever none is, this call reads, discarding data. The socket is
+        closed when this returns.
+        """
+        if self._close_sent or self._socket_closed.is_set():
+            return
+        payload = encode_close_payload(code, reason)
+        if isinstance(reason, (bytes, bytearray)):
+            reason = bytes(reason).decode("utf-8")
+        self._set_closed("local", code, reason)
+        log.debug("%s = closing %s %s", self.connection, code, reason)
+        try:
+            self._write(encode_frame(OP_CLOSE, payload, mask=self._mask), closing=True, timeout=wait)
+        except ConnectionClosed:
+            return
+        with gevent.Timeout(wait, False):
+            while not self._close_received and not self._socket_closed.is_set():
+                if self._reader_idle.is_set():
+                    self.receive_frame()
+                else:
+                    # Never a second reader: wake when the other one returns or the socket closes.
+                    gevent.wait([self._reader_idle, self._socket_closed], count=1)
+        self._close_socket()
+
+    def abort(self):
+        """Close the TCP connection now, without a close frame."""
+        self._set_closed("local", CloseCode.ABNORMAL, "aborted")
+        self._close_socket()
+
+    def _on_peer_close(self, payload):
+        code, reason = parse_close_payload(payload)
+        self._close_received = True
+        self._set_closed("peer", code, reason)
+        log.debug("%s < close %s %s", self.connection, code, reason)
+        if not self._close_sent:
+            reply = encode_close_payload(code, reason)
+            self._send_quietly(encode_frame(OP_CLOSE, reply, mask=self._mask), closing=True,
+                               timeout=self.close_timeout)
+        if self.server_side:
+            self._close_socket()  # RFC 6455 §7.1.1: the server closes TCP first
+        else:
+            self._drain_then_close(shutdown=False)
+
+    def _fail(self, code, reason):
+        """The peer broke the protocol: tell it why, then let its last bytes drain so no RST eats our close."""
+        self._set_closed("error", code, reason)
+        log.debug("%s ! protocol error, closing %s %s", self.connection, code, reason)
+        self._send_quietly(encode_frame(OP_CLOSE, encode_close_payload(code, reason), mask=self._mask),
+                           closing=True, timeout=self.close_timeout)
+        self._drain_then_close(shutdown=True)
+
+    def _lost(self, reason):
+        self._set_closed("error", CloseCode.ABNORMAL, reason)
+        log.debug("%s ! connection lost: %s", self.connection, reason)
+        self._close_socket()
+
+    def _drain_then_close(self, shutdown):
+        """Read and discard until the peer's EOF (at most ``close_timeout`` seconds), then close."""
+        if self._socket_closed.is_set():
+            return
+        try:
+            with gevent.Timeout(self.close_timeout, False):
+                if shutdown:
+                    self._sock.shutdown(socket.SHUT_WR)
+                while self._sock.recv(RECV_SIZE):
+                    pass
+        except OSError:
+            pass
+        self._close_socket()
+
+    def _set_closed(self, by, code, reason):
+        """Record why the connection ended; the first cause wins."""
+        if self._closed_by is None:
+            self._closed_by, self._close_code, self._close_reason = by, code, reason
+
+    def _close_socket(self):
+        if self._socket_closed.is_set():
+            return
+        self._socket_closed.set()
+        try:
+            self._sock.close()
+        except OSError:
+            pass
+
+
+def _control_payload(payload):
+    if isinstance(payload, str):
+        payload = payload.encode("utf-8")
+    if len(payload) > MAX_CONTROL_PAYLOAD:
+        raise ValueError("control frame payload over 125 bytes")
+    return payload
+
+
+# -- client-side opening handshake ------------------------------------------
+
+
+def connect(url, *, headers=None, subprotocols=None, timeout=10.0, ssl_context=None,
+            max_message_size=DEFAULT_MAX_MESSAGE_SIZE, source_address=None):
+    """Open a client WebSocket to ``url`` (ws:// or wss://): ``(WebSocket, status_line, response_headers)``.
+
+    ``headers`` (a list of ``(name, value)``) are sent verbatim, except the
+    handshake's own (Upgrade, Connection, Sec-WebSocket-Key/-Version); Host
+    and Sec-WebSocket-Protocol from ``headers`` win over the ones made here.
+    ``timeout`` bounds the whole connect and handshake. Every failure raises
+    HandshakeFailed (``status`` None when no HTTP answer came).
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in ("ws", "wss") or not parts.hostname:
+        raise ValueError(f"not a ws:// or wss:// URL: {url!r}")
+    secure = parts.scheme == "wss"
+    host = parts.hostname
+    port = parts.port or (443 if secure else 80)
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    key = base64.b64encode(os.urandom(16))
+    request = _handshake_request(target, _host_header(host, parts.port, secure), key,
+                                 list(headers or ()), subprotocols)
+    where = f"{host}:{port}"
+    sock = None
+    refusal = None  # (status_line, status, headers, body so far) once a non-101 answer came
+    timer = gevent.Timeout.start_new(timeout)
+    try:
+        sock = gevent.socket.create_connection((host, port), source_address=source_address)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if secure:
+            context = ssl_context or gevent.ssl.create_default_context()
+            sock = context.wrap_socket(sock, server_hostname=host)
+        sock.sendall(request)
+        head, rest = _read_response_head(sock)
+        status_line, status, response_headers = _parse_response_head(head)
+        if status != 101:
+            refusal = (status_line, status, response_headers, bytearray(rest))
+            _read_error_body(sock, response_headers, refusal[3])
+            raise HandshakeFailed(f"answered {status_line!r}")
+        _check_upgrade(response_headers, key, _offered_protocols(headers, subprotocols))
+    except gevent.Timeout as exc:
+        if exc is not timer:
+            raise
+        _close_quietly(sock)
+        if refusal is None:
+            raise HandshakeFailed(f"{where}: handshake timed out after {timeout} s") from None
+        error = HandshakeFailed(f"answered {refusal[0]!r}")
+    except HandshakeFailed as exc:
+        _close_quietly(sock)
+        error = exc
+    except OSError as exc:
+        _close_quietly(sock)
+        raise HandshakeFailed(f"{where}: cannot connect: {exc}") from None
+    else:
+        error = None
+    finally:
+        timer.close()
+    if error is not None:
+        if refusal is not None:
+            _, status, response_headers, body = refusal
+            raise HandshakeFailed(f"{where} {error.reason}", status, response_headers,
+                                  bytes(body[:MAX_ERROR_BODY]))
+        raise HandshakeFailed(f"{where}: {error.reason}", error.status, error.headers, error.body)
+    ws = WebSocket(sock, server_side=False, max_message_size=max_message_size, initial=rest)
+    return ws, status_line, response_headers
+
+
+def _host_header(host, port, secure):
+    name = f"[{host}]" if ":" in host else host
+    if port is not None and port != (443 if secure else 80):
+        name = f"{name}:{port}"
+    return name
+
+
+def _offered_protocols(headers, subprotocols):
+    """The subprotocols offered, from the caller's Sec-WebSocket-Protocol header or else ``subprotocols``."""
+    offered = [value for name, value in headers or () if name.lower() == "sec-websocket-protocol"]
+    if offered:
+        return [p.strip() for value in offered for p in value.split(",") if p.strip()]
+    return list(subprotocols or ())
+
+
+def _handshake_request(target, host, key, headers, subprotocols):
+    given = {name.lower() for name, _ in headers}
+    lines = [f"GET {target} HTTP/1.1"]
+    if "host" not in given:
+        lines.append(f"Host: {host}")
+    lines += [
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        f"Sec-WebSocket-Key: {key.decode('ascii')}",
+        "Sec-WebSocket-Version: 13",
+    ]
+    if subprotocols and "sec-websocket-protocol" not in given:
+        lines.append(f"Sec-WebSocket-Protocol: {', '.join(subprotocols)}")
+    for name, value in headers:
+        if name.lower() in HANDSHAKE_HEADERS:
+            continue
+        if any(c in f"{name}{value}" for c in "\r\n\0") or ":" in name:
+            raise ValueError(f"header {name!r} cannot be sent as given")
+        lines.append(f"{name}: {value}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def _read_response_head(sock):
+    """Read up to the blank line ending the response head: ``(head, bytes after it)``."""
+    buffer = bytearray()
+    searched = 0
+    while True:
+        end = buffer.find(b"\r\n\r\n", max(0, searched - 3))
+        if end > MAX_RESPONSE_HEAD or (end < 0 and len(buffer) > MAX_RESPONSE_HEAD):
+            raise HandshakeFailed(f"response head over {MAX_RESPONSE_HEAD} bytes")
+        if end >= 0:
+            return bytes(buffer[:end]), bytes(buffer[end + 4:])
+        searched = len(buffer)
+        data = sock.recv(RECV_SIZE)
+        if not data:
+            raise HandshakeFailed("connection closed before a complete HTTP response")
+        buffer += data
+
+
+def _parse_response_head(head):
+    lines = head.decode("latin-1").split("\r\n")
+    status_line = lines[0]
+    fields = status_line.split(" ", 2)
+    if len(fields) < 2 or not fields[0].startswith("HTTP/") or not fields[1].isdigit():
+        raise HandshakeFailed(f"malformed status line {status_line!r}")
+    headers = []
+    for line in lines[1:]:
+        name, colon, value = line.partition(":")
+        if not colon or not name or name != name.strip():
+            raise HandshakeFailed(f"malformed response header line {line!r}", int(fields[1]), headers)
+        headers.append((name, value.strip()))
+    return status_line, int(fields[1]), headers
+
+
+def _header_value(headers, wanted):
+    values = [value for name, value in headers if name.lower() == wanted]
+    return ", ".join(values) if values else None
+
+
+def _check_upgrade(headers, key, offered_protocols):
+    def refuse(reason):
+        raise HandshakeFailed(reason, 101, headers)
+
+    if (_header_value(headers, "upgrade") or "").lower() != "websocket":
+        refuse("101 response without Upgrade: websocket")
+    tokens = (_header_value(headers, "connection") or "").lower().split(",")
+    if "upgrade" not in (token.strip() for token in tokens):
+        refuse("101 response without Connection: Upgrade")
+    expected = base64.b64encode(hashlib.sha1(key + WEBSOCKET_GUID).digest()).decode("ascii")
+    if _header_value(headers, "sec-websocket-accept") != expected:
+        refuse("101 response with a wrong Sec-WebSocket-Accept")
+    chosen = _header_value(headers, "sec-websocket-protocol")
+    if chosen is not None and chosen not in offered_protocols:
+        refuse(f"server chose subprotocol {chosen!r}, which was not offered")
+
+
+def _read_error_body(sock, headers, body):
+    """Read a refusal's body into ``body`` (up to MAX_ERROR_BODY bytes, dechunked); best effort."""
+    length = _header_value(headers, "content-length")
+    chunked = "chunked" in (_header_value(headers, "transfer-encoding") or "").lower()
+    wanted = MAX_ERROR_BODY
+    if length is not None and length.isdigit():
+        wanted = min(int(length), MAX_ERROR_BODY)
+    try:
+        while len(body) < wanted and not (chunked and _chunked_complete(body)):
+            data = sock.recv(RECV_SIZE)
+            if not data:
+                break
+            body += data
+    except OSError:
+        pass
+    if chunked:
+        body[:] = _dechunk(bytes(body))
+    del body[wanted:]
+
+
+def _chunked_complete(data):
+    return data.startswith(b"0\r\n") or b"\r\n0\r\n" in data
+
+
+def _dechunk(data):
+    """Decode what a chunked body holds, stopping quietly at the first malformed or missing piece."""
+    out = bytearray()
+    pos = 0
+    while True:
+        line_end = data.find(b"\r\n", pos)
+        if line_end < 0:
+            break
+        try:
+            size = int(data[pos:line_end].split(b";")[0], 16)
+        except ValueError:
+            break
+        if size == 0:
+            break
+        out += data[line_end + 2:line_end + 2 + size]
+        pos = line_end + 2 + size + 2
+    return bytes(out)
+
+
+def _close_quietly(sock):
+    if sock is not None:
+        try:
+            sock.close()
+        except OSError:
+            pass

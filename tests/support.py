@@ -1,0 +1,132 @@
+"""Test helpers: real glb instances on 127.0.0.1 port 0, real clients, raw sockets."""
+
+import contextlib
+import socket
+import struct
+
+import websocket  # websocket-client
+
+from glb import config
+from glb.server import Balancer
+
+
+def make_settings(**sections):
+    """Settings from a dict of sections; listens on an ephemeral loopback port by default."""
+    data = {name: dict(values) for name, values in sections.items()}
+    data.setdefault("glb", {}).setdefault("listen", "127.0.0.1:0")
+    data.setdefault("handlers", {}).setdefault("modules", "")
+    return config.from_dict(data)
+
+
+@contextlib.contextmanager
+def running_glb(handler_modules=None, **sections):
+    """A started Balancer; yields it and stops it (1 s grace) afterwards."""
+    balancer = Balancer(make_settings(**sections), handler_modules=handler_modules)
+    balancer.start()
+    try:
+        yield balancer
+    finally:
+        balancer.stop(timeout=1)
+
+
+def base_url(balancer, scheme="ws"):
+    host, port = balancer.addresses[0]
+    return f"{scheme}://{host}:{port}"
+
+
+def ws_connect(url, timeout=5, **kwargs):
+    """A websocket-client connection that does not validate UTF-8 itself (we test glb's)."""
+    return websocket.create_connection(url, timeout=timeout, skip_utf8_validation=True,
+                                       enable_multithread=True, **kwargs)
+
+
+def recv_close(ws):
+    """Receive until a close frame; return (code, reason)."""
+    while True:
+        opcode, data = ws.recv_data(control_frame=True)
+        if opcode == websocket.ABNF.OPCODE_CLOSE:
+            if len(data) >= 2:
+                return struct.unpack("!H", data[:2])[0], data[2:].decode("utf-8")
+            return None, ""
+
+
+def raw_http(address, request: bytes, timeout=5):
+    """Send raw bytes, return everything the server sends until it closes (bounded)."""
+    with socket.create_connection(address, timeout=timeout) as sock:
+        sock.sendall(request)
+        chunks = []
+        while sum(map(len, chunks)) < 1 << 20:
+            data = sock.recv(65536)
+            if not data:
+                break
+            chunks.append(data)
+    return b"".join(chunks)
+
+
+def upgrade_request(path="/glb/echo", host="127.0.0.1", version="13",
+                    key="dGhlIHNhbXBsZSBub25jZQ==", http_version="HTTP/1.1", extra=""):
+    return (f"GET {path} {http_version}\r\nHost: {host}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+            f"Sec-WebSocket-Version: {version}\r\n{extra}\r\n").encode("latin-1")
+
+
+class RawClient:
+    """A WebSocket client on a raw socket, for sending what a good client never would."""
+
+    def __init__(self, address, path="/glb/echo", timeout=5):
+        self.sock = socket.create_connection(address, timeout=timeout)
+        self.sock.sendall(upgrade_request(path))
+        head = b""
+        while b"\r\n\r\n" not in head:
+            data = self.sock.recv(1)
+            if not data:
+                raise ConnectionError("closed during handshake")
+            head += data
+        self.status = int(head.split(b" ", 2)[1])
+        self.buffer = b""
+
+    def send_frame(self, opcode, payload, fin=True, mask=True, rsv=0):
+        first = (0x80 if fin else 0) | (rsv << 4) | opcode
+        length = len(payload)
+        if length < 126:
+            header = struct.pack("!BB", first, (0x80 if mask else 0) | length)
+        elif length < 65536:
+            header = struct.pack("!BBH", first, (0x80 if mask else 0) | 126, length)
+        else:
+            header = struct.pack("!BBQ", first, (0x80 if mask else 0) | 127, length)
+        if mask:
+            key = b"\x01\x02\x03\x04"
+            payload = bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+            header += key
+        self.sock.sendall(header + payload)
+
+    def _read(self, n):
+        while len(self.buffer) < n:
+            data = self.sock.recv(65536)
+            if not data:
+                raise ConnectionError("closed")
+            self.buffer += data
+        out, self.buffer = self.buffer[:n], self.buffer[n:]
+        return out
+
+    def read_frame(self):
+        """(opcode, payload) of the next frame from the server (servers never mask)."""
+        first, second = self._read(2)
+        length = second & 0x7F
+        if length == 126:
+            length = struct.unpack("!H", self._read(2))[0]
+        elif length == 127:
+            length = struct.unpack("!Q", self._read(8))[0]
+        return first & 0x0F, self._read(length)
+
+    def read_close(self):
+        """Skip data frames; return the (code, reason) of the server's close frame."""
+        while True:
+            opcode, payload = self.read_frame()
+            if opcode == 8:
+                if len(payload) < 2:
+                    return None, ""
+                return struct.unpack("!H", payload[:2])[0], payload[2:].decode("utf-8")
+
+    def close(self):
+        self.sock.close()
