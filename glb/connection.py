@@ -31,7 +31,7 @@ class Connection:
     """
 
     __slots__ = ("id", "peer", "path", "query", "headers", "kind", "started",
-                 "websocket", "backend", "secure")
+                 "websocket", "backend", "secure", "session")
 
     def __init__(self, peer, path, query="", headers=None, kind=OWN, secure=False):
         self.id = f"c{next(_ids)}"
@@ -44,6 +44,7 @@ class Connection:
         self.websocket = None
         self.backend = None
         self.secure = secure
+        self.session = None
 
     @property
     def peer_ip(self):
@@ -54,7 +55,8 @@ class Connection:
         self.websocket.send(message)
 
     def close(self, code=1000, reason=""):
-        self.websocket.close(code, reason)
+        """Close the connection (for a client session: both legs) with this code and reason."""
+        self.session.close(code, reason)
 
     def __repr__(self):
         return f"<Connection {self.id} {self.kind} {self.peer_ip} {self.path}>"

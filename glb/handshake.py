@@ -8,6 +8,7 @@ validates here instead and answers 400 / 426 with a short body.
 import base64
 import binascii
 import hashlib
+import http
 
 from glb.errors import Status
 
@@ -26,8 +27,32 @@ class Rejection:
         self.headers = [("Content-Type", "text/plain; charset=utf-8"),
                         ("Content-Length", str(len(self.body))), *headers]
 
+    @classmethod
+    def from_backend(cls, status, headers, body):
+        """The backend's own refusal, passed on: its status, body and end-to-end headers."""
+        rejection = cls(status_line(status), "")
+        rejection.body = body
+        rejection.headers = [(name, value) for name, value in headers
+                             if name.lower() in PASSED_REFUSAL_HEADERS]
+        rejection.headers.append(("Content-Length", str(len(body))))
+        return rejection
+
     def __repr__(self):
-        return f"<Rejection {self.status}: {self.body.decode().strip()}>"
+        return f"<Rejection {self.status}: {self.body[:80]!r}>"
+
+
+# Headers of a backend's refused handshake that reach the client; the rest is hop-by-hop or glb's.
+PASSED_REFUSAL_HEADERS = frozenset({"content-type", "www-authenticate", "set-cookie", "retry-after",
+                                    "location", "cache-control", "sec-websocket-version"})
+
+
+def status_line(code, reason=""):
+    """'403 Forbidden' for 403; unknown codes keep ``reason`` as their phrase."""
+    try:
+        phrase = http.HTTPStatus(code).phrase
+    except ValueError:
+        phrase = reason or "Error"
+    return f"{code} {phrase}"
 
 
 def header_tokens(value):

@@ -37,7 +37,6 @@ import errno
 import http
 import http.client
 import logging
-import socket
 from collections.abc import Mapping
 from urllib.parse import quote, urlsplit
 
@@ -548,7 +547,6 @@ class HttpProxy:
             return _plain(start_response, Status.NOT_FOUND, b"not found: plain HTTP is turned off\n")
         if environ.get("PATH_INFO", "").startswith(self.prefix):
             return _plain(start_response, Status.NOT_FOUND, b"not found: no glb endpoint at this path\n")
-        client_no_delay(environ)
         request = HttpRequest.from_environ(environ, self.chunk_size, self.buffer_limit)
         try:
             return self.handle(request, environ, start_response)
@@ -572,7 +570,8 @@ class HttpProxy:
         if backend is None:
             error = "no backend is ready for HTTP"
             self.report(request, environ, error)
-            response = HttpResponse.simple(Status.SERVICE_UNAVAILABLE, b"service unavailable: no backend is ready\n")
+            response = HttpResponse.simple(Status.SERVICE_UNAVAILABLE,
+                                           b"service unavailable: no backend is ready\n")
             return self.answer(start_response, request, response, error, None)
         response, failure, backend = self.forward(request, backend, pick, environ)
         return self.answer(start_response, request, response, failure and failure.text, backend,
@@ -588,7 +587,8 @@ class HttpProxy:
                 response = HttpResponse.error(failure.kind)
 
         def on_failure(failure):
-            self.report(request, environ, f"http backend {_name(backend)}: response cut short: {failure.text}")
+            self.report(request, environ,
+                        f"http backend {_name(backend)}: response cut short: {failure.text}")
 
         return response.wsgi(start_response, head=request.method == "HEAD", on_failure=on_failure)
 
@@ -665,21 +665,6 @@ class HttpProxy:
                           request.query, request.headers, CLIENT,
                           secure=request.scheme == "https")
         self.balancer.report_error(conn, f"{request.method} {request.path}: {text}")
-
-
-def client_no_delay(environ):
-    """Turn Nagle off on the client's socket, reached through pywsgi's input buffer.
-
-    pywsgi writes a response's head and first body chunk in two sends; with Nagle on,
-    the second waits for the client's delayed ACK (~40 ms per small response).
-    Accepted sockets should get TCP_NODELAY where they are accepted (server.py);
-    until then this reaches the socket from here, and does nothing if it cannot.
-    """
-    try:
-        sock = environ["wsgi.input"].rfile.raw._sock
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except (AttributeError, KeyError, OSError):
-        pass
 
 
 def _name(backend):

@@ -28,6 +28,14 @@ class OwnSession:
     def abandon(self, reason):
         """The 101 could not be written; nothing was set up, so nothing to undo."""
 
+    def close(self, code, reason):
+        self.conn.websocket.close(code, reason)
+
+    @property
+    def close_status(self):
+        ws = self.conn.websocket
+        return ws.close_code, ws.close_reason
+
     def run(self):
         ws = self.conn.websocket
         while True:

@@ -8,9 +8,9 @@ written by glb, then the socket is detached from pywsgi so the handler, its
 environ and its buffers are freed while the session lives in its own greenlet.
 """
 
-import http
 import logging
 import socket as stdlib_socket
+import time
 
 import gevent
 from gevent.pool import Group
@@ -20,27 +20,26 @@ from geventwebsocket.handler import WebSocketHandler
 from glb import handshake
 from glb.balancing import PickRequest, make_policy
 from glb.control import SGC_BINDING_PATH, SGC_CONTROL_PATH, BindingEndpoint, ControlSession
-from glb.connection import CLIENT, CONTROL, OWN, Connection, headers_from_environ
+from glb.connection import CLIENT, Connection, headers_from_environ
 from glb.errors import CloseCode, Status
 from glb.events import EventBus
 from glb.handlers import load_handlers
 from glb.own_sessions import EchoSession
+from glb.relay import ClientSession
 from glb.registry import Registry
 from glb.websocket import WebSocket
 
 log = logging.getLogger("glb.server")
 
 
-def status_line(code, reason=""):
-    try:
-        phrase = http.HTTPStatus(code).phrase
-    except ValueError:
-        phrase = reason or "Error"
-    return f"{code} {phrase}"
-
-
 class UpgradeHandler(WebSocketHandler):
     """pywsgi handler: upgrades go to the balancer, everything else to the WSGI app."""
+
+    def handle(self):
+        if self.socket.family != stdlib_socket.AF_UNIX:
+            # pywsgi writes headers and body separately: without this, Nagle delays small answers
+            self.socket.setsockopt(stdlib_socket.IPPROTO_TCP, stdlib_socket.TCP_NODELAY, 1)
+        super().handle()
 
     def run_application(self):
         if handshake.is_upgrade_request(self.environ):
@@ -69,6 +68,7 @@ class Balancer:
         self.policy = make_policy(settings.glb.balancing, hash_key=settings.glb.hash_key)
         self.prefix = settings.glb.prefix
         self.connections = {}  # id -> Connection, every open WebSocket
+        self.client_sessions = set()  # every relayed ClientSession, for the keep-alive sweeper
         self.sessions = Group()  # every session greenlet, so stop() can wait for them
         self.servers = []
         self.stopping = False
@@ -95,7 +95,19 @@ class Balancer:
             server.start()
             self.servers.append(server)
             log.info("= listening on http://%s", _format_address(server.address))
+        self._sweeper = gevent.spawn(self._sweep_forever)
         return self.addresses
+
+    def _sweep_forever(self):
+        """Keep-alive pings, ping timeouts and idle timeouts for every client session, from one greenlet."""
+        glb = self.settings.glb
+        periods = [p for p in (glb.ping_interval, glb.ping_timeout, glb.idle_timeout) if p]
+        tick = max(0.05, min(periods) / 4) if periods else None
+        while tick is not None and not self.stopping:
+            gevent.sleep(tick)
+            now = time.monotonic()
+            for session in list(self.client_sessions):
+                session.keep_alive(now, glb.ping_interval, glb.ping_timeout, glb.idle_timeout)
 
     @property
     def addresses(self):
@@ -105,6 +117,8 @@ class Balancer:
         """Stop accepting, close every session with 1001, wait up to ``timeout``, then kill."""
         timeout = self.settings.glb.shutdown_timeout if timeout is None else timeout
         self.stopping = True
+        if getattr(self, "_sweeper", None) is not None:
+            self._sweeper.kill(block=False)
         for server in self.servers:
             server.close()
         for conn in list(self.connections.values()):
@@ -153,7 +167,7 @@ class Balancer:
         if event is not None and event.rejection is not None:
             code, reason = event.rejection
             log.info("! %s handshake rejected by handler: %s %s", conn.id, code, reason)
-            return _respond(handler, handshake.Rejection(status_line(code), reason or status_line(code)))
+            return _respond(handler, handshake.Rejection(handshake.status_line(code), reason or handshake.status_line(code)))
         session = session_class.prepare(self, conn, environ)
         if isinstance(session, handshake.Rejection):
             return _respond(handler, session)
@@ -179,11 +193,12 @@ class Balancer:
             return None, None
         return self.client_session_class, CLIENT
 
-    client_session_class = None  # set when the relay is wired in
+    client_session_class = ClientSession
 
     def run_session(self, conn, session):
         """The one place a WebSocket session lives and ends: events fire exactly once each."""
         ws = conn.websocket
+        conn.session = session
         self.connections[conn.id] = conn
         try:
             self.bus.fire(self.bus.connect, connection=conn)
@@ -199,8 +214,8 @@ class Balancer:
             if not ws.closed:
                 _close_quietly(conn, CloseCode.INTERNAL_ERROR, "session ended")
             self.connections.pop(conn.id, None)
-            self.bus.fire(self.bus.disconnect, connection=conn, code=ws.close_code,
-                          reason=ws.close_reason)
+            code, reason = session.close_status
+            self.bus.fire(self.bus.disconnect, connection=conn, code=code, reason=reason)
 
     def report_error(self, conn, text):
         """A protocol or I/O error on one of glb's connections: log it and fire ``error``."""
@@ -210,13 +225,17 @@ class Balancer:
     def pick_request(self, environ):
         return PickRequest.from_environ(environ)
 
+    def backend_ssl_context(self):
+        """The TLS context for wss:// backends (None: the default, verifying context)."""
+        return None
+
     def pick_backend(self, request=None, exclude=()):
         return self.policy.pick(self.registry.candidates(), request=request, exclude=exclude)
 
 
 def _close_quietly(conn, code, reason):
     try:
-        conn.websocket.close(code, reason)
+        conn.close(code, reason)
     except Exception:  # closing a connection that is already broken is not news
         log.debug("= %s close failed", conn.id, exc_info=True)
 

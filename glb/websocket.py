@@ -270,6 +270,19 @@ class WebSocket:
         self._set_closed("local", *close)
         self._write(data, closing=True)
 
+    def send_between(self, data, at_boundary):
+        """Write ``data`` only if no send is under way and ``at_boundary()`` holds; True if written.
+
+        A relay forwarding raw chunks may leave the stream mid-frame; glb's
+        own frames (keep-alive pings) may only go in between two frames.
+        """
+        if self._close_sent or self._socket_closed.is_set() or self._write_lock.locked():
+            return False
+        if not at_boundary():
+            return False
+        self._write(data)
+        return True
+
     def ping(self, payload=b""):
         self.send_frame(OP_PING, payload)
 
