@@ -23,10 +23,11 @@ What a channel may send and what glb does with it::
     guid, record out of order
     malformed client record                 close 1008 + error     error, channel stays up
     "{..." that is no known record          close 1008 + error     error, dropped
-    anything else (text or binary)          close 1008 + error     broadcast envelope: message /
-                                                                   binary event, then (unless
-                                                                   handled) relayed unchanged to
-                                                                   every registered channel;
+    anything else (text or binary)          close 1008 + error     broadcast envelope: parsed
+                                                                   strictly, then message / binary
+                                                                   event, then (unless handled)
+                                                                   relayed unchanged to every ready
+                                                                   backend (glb.broadcast);
                                                                    malformed: error, dropped
 
 The binding endpoint (``GET /sgc@lb@client@get@binding`` and ``<prefix>binding``)
@@ -39,13 +40,13 @@ import ipaddress
 import json
 import logging
 
-from glb import control_records
+from glb import broadcast, control_records
 from glb.connection import CONTROL, OWN, Connection, headers_from_environ
 from glb.control_records import Binding, RecordError
-from glb.errors import CloseCode, ConnectionClosed, Status
+from glb.errors import CloseCode, Status
 from glb.handshake import Rejection
 from glb.own_sessions import OwnSession
-from glb.registry import DRAINING, READY, Outcome, RegistrationError
+from glb.registry import Outcome, RegistrationError
 
 log = logging.getLogger("glb.control")
 
@@ -53,9 +54,6 @@ SGC_CONTROL_PATH = "/sgc@load_balancer_client"
 SGC_BINDING_PATH = "/sgc@lb@client@get@binding"
 
 UNAUTHORIZED = "401 Unauthorized"  # no credentials presented (glb's Status has no 401 yet)
-
-# States whose channels receive relayed envelopes: registered and still serving clients.
-RELAY_STATES = frozenset({READY, DRAINING})
 
 
 def control_channels(balancer):
@@ -165,6 +163,7 @@ class ControlSession(OwnSession):
         self.registration = balancer.registry.begin(conn.peer)
         self.pending = PendingBackend(conn.peer)
         self.channels = control_channels(balancer)
+        self.outbox = None  # glb.broadcast.Outbox while the channel runs: every frame glb sends on it
         self._left = False
 
     @classmethod
@@ -182,7 +181,9 @@ class ControlSession(OwnSession):
 
     def run(self):
         ws = self.conn.websocket
+        ws.send_timeout = self.balancer.settings.glb.send_timeout  # a backend that reads nothing is dropped
         bus = self.bus
+        self.outbox = broadcast.Outbox(self.balancer, self.conn).start()
         try:
             bus.fire(bus.server_connect, connection=self.conn, backend=self.pending)
             if not ws.closed:  # a server_connect handler may reject by closing
@@ -192,6 +193,7 @@ class ControlSession(OwnSession):
                 self._leave()
                 _close_quietly(ws, CloseCode.INTERNAL_ERROR, "internal error")
             self._leave()
+            self.outbox.stop()
             bus.fire(bus.server_disconnect, connection=self.conn, backend=self.backend,
                      code=ws.close_code)
 
@@ -227,14 +229,14 @@ class ControlSession(OwnSession):
         if self.registration.backend is None:
             self._refuse("binary message before server data")
             return True
-        if bus.binary.receivers and bus.fire(bus.binary, connection=self.conn, data=message).handled:
-            return True
         try:
             control_records.parse_binary_envelope(message)
         except RecordError as exc:
             self.balancer.report_error(self.conn, f"{exc.reason}; dropped")
             return True
-        self.relay(message)
+        if bus.binary.receivers and bus.fire(bus.binary, connection=self.conn, data=message).handled:
+            return True
+        broadcast.fan_out(self.balancer, message)
         return True
 
     def _on_text(self, text):
@@ -267,30 +269,16 @@ class ControlSession(OwnSession):
         if text.startswith("{"):  # shaped like a record, so certainly not an envelope
             self.balancer.report_error(self.conn, f"{describe_non_record(text)}; dropped")
             return True
-        bus = self.bus
-        if bus.message.receivers and bus.fire(bus.message, connection=self.conn, text=text).handled:
-            return True
         try:
             control_records.parse_text_envelope(text)
         except RecordError as exc:
             self.balancer.report_error(self.conn, f"{exc.reason}; dropped")
             return True
-        self.relay(text)
+        bus = self.bus
+        if bus.message.receivers and bus.fire(bus.message, connection=self.conn, text=text).handled:
+            return True
+        broadcast.fan_out(self.balancer, text)
         return True
-
-    # -- relay (broadcast distribution is fleshed out by a later issue) -------------------------
-
-    def relay(self, message):
-        """Send an envelope unchanged to every registered channel (the sender included)."""
-        for session in list(self.channels.values()):
-            backend = session.registration.backend
-            if backend is None or backend.state not in RELAY_STATES:
-                continue
-            try:
-                session.conn.websocket.send(message)
-            except ConnectionClosed as exc:
-                # That channel's own greenlet sees the close and cleans up.
-                log.debug("! %s relay to %s failed: %s", self.conn.id, session.conn.id, exc)
 
 
 def _close_quietly(ws, code, reason):

@@ -46,6 +46,7 @@ from requests.adapters import HTTPAdapter
 from requests.structures import CaseInsensitiveDict
 from urllib3.util import SKIP_HEADER
 
+from glb import tls
 from glb.connection import CLIENT, Connection, headers_from_environ
 from glb.errors import Status
 
@@ -527,7 +528,8 @@ class HttpProxy:
         self.retries = conf.retries
         self.chunk_size = conf.chunk_size
         self.backend_host = conf.host_header == "backend"
-        self.verify = getattr(getattr(settings, "backends", None), "verify", True)
+        backends = getattr(settings, "backends", None)
+        self.verify, self.cert = tls.requests_options(backends) if backends is not None else (True, None)
         self.buffer_limit = BUFFER_LIMIT
         self.adapter = _PoolAdapter(conf.chunk_size, pool_connections=conf.pool_connections,
                                     pool_maxsize=conf.pool_maxsize, max_retries=0)
@@ -637,7 +639,8 @@ class HttpProxy:
                 headers[name] = SKIP_HEADER
         prepared = requests.PreparedRequest()
         prepared.method, prepared.url, prepared.headers, prepared.body = request.method, url, headers, body
-        return self.adapter.send(prepared, stream=True, timeout=self.timeout, verify=self.verify)
+        return self.adapter.send(prepared, stream=True, timeout=self.timeout, verify=self.verify,
+                                 cert=self.cert)
 
     def resolve(self, backend):
         """The backend a handler left in ``event.backend``: a Backend, a guid or an http(s) URL."""

@@ -23,7 +23,9 @@ How a session ends (first cause wins; ``client_disconnect`` carries it)::
     backend sends close (c, r)          c, r                      backend    (c, r) forwarded
     client vanishes (EOF, no close)     1006                      client     1001 "client went away"
     backend vanishes (EOF, no close)    1014 "backend went away"  backend    client gets 1014
-    protocol error / too big from one   1002 / 1007 / 1009        glb        1001 (client) / 1014 (backend)
+    message too big from one side       1009                      glb        1001 (client) / 1014 (backend)
+    protocol error from one side        passed on: the other peer fails the connection as it would
+                                        without glb (decoded pumps: 1002 / 1007 from glb itself)
     glb closes (shutdown, idle, ping)   its code                  glb        the same, both legs
 
 The closing handshake is completed on both legs: glb closes the client's TCP
@@ -37,8 +39,8 @@ import time
 import gevent
 
 from glb.connection import CLIENT
-from glb.errors import CloseCode, ConnectionClosed, HandshakeFailed, Status
-from glb.frames import (OP_CLOSE, OP_CONTINUATION, OP_PING, OP_PONG, OP_TEXT,
+from glb.errors import CloseCode, ConnectionClosed, HandshakeFailed, MessageTooBig, Status
+from glb.frames import (OP_BINARY, OP_CLOSE, OP_CONTINUATION, OP_PING, OP_PONG, OP_TEXT,
                         FrameScanner, encode_close_payload, encode_frame)
 from glb.handshake import Rejection, header_tokens
 from glb.websocket import connect
@@ -267,7 +269,11 @@ class ClientSession:
         send = dst.ws.send_raw
         try:
             while True:
-                if data:
+                if scanner.error is not None:  # the far peer judges what glb could not follow
+                    if data:
+                        src.last_activity = time.monotonic()
+                        send(data)
+                elif data and src.close_in is None:  # after its close frame, a peer's bytes are ignored
                     notes = scanner.feed(data)
                     if notes is None:
                         src.last_activity = time.monotonic()
@@ -294,6 +300,15 @@ class ClientSession:
         sent = 0
         for note in notes:
             if hasattr(note, "error"):  # a Violation
+                if not isinstance(note.error, MessageTooBig):
+                    # A protocol error: the far peer fails the connection as it would have
+                    # without glb (same close code, after the messages before it). From here
+                    # on this direction is forwarded blind, and glb injects nothing into it.
+                    self.balancer.report_error(self.conn, f"{src.name} broke the protocol "
+                                               f"({note.error.code} {note.error.reason}); "
+                                               f"passed on for the {dst.name} to judge")
+                    dst.ws.send_raw(data[sent:])
+                    return True
                 if note.offset > sent:
                     dst.ws.send_raw(data[sent:note.offset])
                 self._violation(src, dst, note.error, mid_frame=note.offset < 0)
@@ -305,8 +320,8 @@ class ClientSession:
                         dst.ws.send_raw(data[sent:start])
                 else:
                     dst.ws.send_raw(data[sent:note.end], close=(note.code, note.reason))
-                sent = note.end
                 self._close_passed(src, dst, note.code, note.reason)
+                return True  # whatever follows a close frame is ignored (RFC 6455 §5.5.1)
         if sent < len(data):
             dst.ws.send_raw(data[sent:])
         return True
@@ -443,7 +458,9 @@ class ClientSession:
 
     def _at_boundary(self, leg_name):
         scanner = self.scanners.get(leg_name)
-        return (lambda: True) if scanner is None else (lambda: scanner.at_boundary)
+        if scanner is None:
+            return lambda: True
+        return lambda: scanner.error is None and scanner.at_boundary
 
     def _end(self, code, reason, closed_by):
         if self.outcome is None:
@@ -463,6 +480,48 @@ class ClientSession:
                 leg.sock.close()
             except OSError:
                 pass
+
+    # -- glb's own messages to the client (glb.broadcast.write_data / ping) --
+
+    def send_to_client(self, message, timeout=1.0, opcode=None):
+        """Write one whole message of glb's own to the client, between relayed frames; True if written.
+
+        ``message`` str is sent as text, bytes as binary, or as a ping with ``opcode=OP_PING``.
+        A data message waits until the relayed stream is between two messages (never inside a
+        fragmented one), a ping only until it is between two frames; retried for up to
+        ``timeout`` seconds, then False. Raises ConnectionClosed once the session has ended.
+        In decoded mode (handlers reading backend frames) fragments are not tracked here.
+        """
+        if isinstance(message, str):
+            payload, op = message.encode("utf-8"), OP_TEXT
+        else:
+            payload, op = bytes(message), OP_BINARY
+        op = op if opcode is None else opcode
+        frame = encode_frame(op, payload, mask=False)
+        control = op >= OP_CLOSE
+        deadline = time.monotonic() + timeout
+        delay = 0.0
+        while True:
+            if self.outcome is not None or (self.client is not None and self.client.ws.closed):
+                code, reason = self.close_status
+                raise ConnectionClosed(code, reason)
+            if self.client is not None:
+                scanner = self.scanners.get("client")
+                if scanner is None:
+                    def ready():
+                        return True
+                elif control:
+                    def ready():
+                        return scanner.error is None and scanner.at_boundary
+                else:
+                    def ready():
+                        return scanner.error is None and scanner.at_boundary and not scanner.in_message
+                if self.client.ws.send_between(frame, ready):
+                    return True
+            if time.monotonic() >= deadline:
+                return False
+            gevent.sleep(delay)
+            delay = min(0.01, delay * 2 or 0.0005)
 
     # -- keep-alive (called by the balancer's sweeper) -----------------------
 

@@ -17,7 +17,7 @@ from gevent.pool import Group
 from gevent.pywsgi import WSGIHandler, WSGIServer
 from geventwebsocket.handler import WebSocketHandler
 
-from glb import handshake
+from glb import handshake, tls
 from glb.balancing import PickRequest, make_policy
 from glb.control import SGC_BINDING_PATH, SGC_CONTROL_PATH, BindingEndpoint, ControlSession
 from glb.connection import CLIENT, Connection, headers_from_environ
@@ -87,14 +87,34 @@ class Balancer:
     # -- listeners ---------------------------------------------------------
 
     def start(self):
-        """Bind every listener and start accepting; returns the bound (host, port) list."""
-        for host, port in self.settings.glb.listen:
+        """Bind every listener and start accepting; returns the plain (host, port) list.
+
+        TLS listeners (``tls_addresses``) get their contexts first, so a bad
+        certificate or a failing TLS handler binds nothing (see glb.tls).
+        """
+        settings = self.settings
+        file = settings.path or "<dict>"
+        contexts = [(address, tls.listener_context(self.bus, settings.tls, tls.listener_name(address), file))
+                    for address in settings.tls.listen]
+        if settings.backends.cafile or settings.backends.certfile:
+            self.backend_ssl_context()  # its files are checked now, not at the first wss:// backend
+        if not settings.backends.verify:
+            log.warning("= [backends] verify = false: certificates of wss:// and https:// backends are not checked")
+        for host, port in settings.glb.listen:
             server = WSGIServer((host, port), self.wsgi_app, handler_class=UpgradeHandler,
                                 log=None, error_log=_PywsgiErrorLog())
             server.balancer = self
             server.start()
             self.servers.append(server)
             log.info("= listening on http://%s", _format_address(server.address))
+        for (host, port), context in contexts:
+            server = tls.TLSServer((host, port), self.wsgi_app, context,
+                                   handshake_timeout=settings.glb.handshake_timeout,
+                                   handler_class=UpgradeHandler, log=None, error_log=_PywsgiErrorLog())
+            server.balancer = self
+            server.start()
+            self.servers.append(server)
+            log.info("= listening on https://%s", _format_address(server.address))
         self._sweeper = gevent.spawn(self._sweep_forever)
         return self.addresses
 
@@ -111,7 +131,13 @@ class Balancer:
 
     @property
     def addresses(self):
-        return [server.address[:2] for server in self.servers]
+        """Bound (host, port) of the plain listeners."""
+        return [server.address[:2] for server in self.servers if not server.ssl_enabled]
+
+    @property
+    def tls_addresses(self):
+        """Bound (host, port) of the TLS listeners."""
+        return [server.address[:2] for server in self.servers if server.ssl_enabled]
 
     def stop(self, timeout=None):
         """Stop accepting, close every session with 1001, wait up to ``timeout``, then kill."""
@@ -226,8 +252,12 @@ class Balancer:
         return PickRequest.from_environ(environ)
 
     def backend_ssl_context(self):
-        """The TLS context for wss:// backends (None: the default, verifying context)."""
-        return None
+        """The TLS context for wss:// backends, from ``[backends]`` (built once, on first need)."""
+        context = self.__dict__.get("_backend_ssl_context")
+        if context is None:
+            context = self._backend_ssl_context = tls.backend_context(
+                self.settings.backends, self.settings.path or "<dict>")
+        return context
 
     def pick_backend(self, request=None, exclude=()):
         return self.policy.pick(self.registry.candidates(), request=request, exclude=exclude)

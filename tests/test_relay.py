@@ -182,7 +182,7 @@ def test_client_vanishing_gives_backend_1001():
         assert disconnects[0].closed_by == "client"
 
 
-def test_client_protocol_error_gets_1002_and_backend_1001():
+def test_client_protocol_error_is_judged_by_the_backend_as_without_glb():
     closes = gevent.queue.Queue()
 
     def serve(ws, environ):
@@ -191,10 +191,22 @@ def test_client_protocol_error_gets_1002_and_backend_1001():
         closes.put(ws.close_code)
     backend = ScriptedBackend(serve)
     with started(backend), pool(backend) as glb:
+        errors, _ = recorder(glb, "error")
         client = RawClient(glb.addresses[0], path="/")
         client.send_frame(OP_TEXT, b"unmasked", mask=False)
         assert client.read_close()[0] == CloseCode.PROTOCOL_ERROR
-        assert closes.get(timeout=5) == CloseCode.GOING_AWAY
+        assert closes.get(timeout=5) == CloseCode.PROTOCOL_ERROR
+        assert any("broke the protocol" in event.error for event in errors)
+        client.close()
+
+
+def test_protocol_error_with_a_decoding_handler_is_answered_by_glb():
+    backend = ScriptedBackend()
+    with started(backend), pool(backend) as glb:
+        glb.bus.add_handler("client_message", lambda event: None)
+        client = RawClient(glb.addresses[0], path="/")
+        client.send_frame(OP_TEXT, b"\xff\xfe")
+        assert client.read_close()[0] == CloseCode.INVALID_DATA
         client.close()
 
 
