@@ -72,7 +72,12 @@ def run_cases(url, cases=SECTIONS):
         return failure.results
 
 
+TOTALS = {"passed": 0, "failed": 0}
+
+
 def summarise(name, results):
+    TOTALS["passed"] += sum(1 for r in results if r.passed)
+    TOTALS["failed"] += sum(1 for r in results if not r.passed)
     verdicts = {}
     for result in results:
         verdicts[result.behavior.value] = verdicts.get(result.behavior.value, 0) + 1
@@ -197,6 +202,7 @@ def main(argv):
     ok = True
     for name in names:
         ok = SUITES[name]() and ok
+    print(f"autobahn: {TOTALS['passed']} passed, {TOTALS['failed']} failed")
     sys.exit(0 if ok else 1)
 
 
