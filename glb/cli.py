@@ -94,6 +94,9 @@ def start_demo(settings, balancer):
     """Start the ``[demo]`` backends, if the config asks for them."""
     if not settings.demo.backends:
         return None
+    if not balancer.addresses:
+        log.warning("[demo] backends need a plain [glb] listen address to register on; none started")
+        return None
     from glb.demo_backend import DemoFleet
 
     fleet = DemoFleet(settings.demo.backends, balancer.addresses[0], token=settings.backends.token or None)

@@ -17,6 +17,7 @@ from gevent.pool import Group
 from gevent.pywsgi import WSGIHandler, WSGIServer
 from geventwebsocket.handler import WebSocketHandler
 
+from glb import broadcast  # Balancer.broadcast / write_data / ping delegate to it
 from glb import handshake, tls
 from glb.balancing import PickRequest, make_policy
 from glb.control import SGC_BINDING_PATH, SGC_CONTROL_PATH, BindingEndpoint, ControlSession
@@ -242,6 +243,20 @@ class Balancer:
             self.connections.pop(conn.id, None)
             code, reason = session.close_status
             self.bus.fire(self.bus.disconnect, connection=conn, code=code, reason=reason)
+
+    # -- glb's own messages (glb.broadcast) --------------------------------
+
+    def broadcast(self, message, channel="", protocol="", include="", exclude=""):
+        """Send to the clients of every ready backend as an envelope; how many backends took it."""
+        return broadcast.broadcast(self, message, channel, protocol, include, exclude)
+
+    def write_data(self, connection_id, message):
+        """Send to one connection: glb's own (Connection.id) or a backend's client; 0 = nowhere."""
+        return broadcast.write_data(self, connection_id, message)
+
+    def ping(self):
+        """Ping every WebSocket glb accepted, control channels included; how many were pinged."""
+        return broadcast.ping(self)
 
     def report_error(self, conn, text):
         """A protocol or I/O error on one of glb's connections: log it and fire ``error``."""

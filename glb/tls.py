@@ -142,9 +142,18 @@ class TLSServer(WSGIServer):
     ``wsgi.url_scheme`` is ``https`` in every environ, so connections are
     ``secure`` and X-Forwarded-Proto says https. ``balancer`` (set by the
     Balancer, like on plain listeners) receives failed handshakes as ``error``.
+
+    A TLS socket cannot be detached from pywsgi, so an upgraded TLS connection's
+    session runs inside its pywsgi handler. Two consequences are handled here:
+    ``_TLSSocket.close`` ends the connection even while the handler's request
+    reader still refers to the socket, and ``handler_class`` is given a
+    ``handle_error`` that never tries to answer HTTP on a connection already
+    upgraded (a session killed at shutdown ends quietly, as a plain one does).
     """
 
     def __init__(self, listener, application, context, handshake_timeout=10.0, **kwargs):
+        if kwargs.get("handler_class") is not None:
+            kwargs["handler_class"] = _upgrade_aware(kwargs["handler_class"])
         super().__init__(listener, application, ssl_context=context, **kwargs)
         self.context = context
         self.handshake_timeout = handshake_timeout
@@ -152,8 +161,8 @@ class TLSServer(WSGIServer):
     def wrap_socket_and_handle(self, client_socket, address):
         try:
             # gevent's socket whatever the context's class, so a handler's plain ssl.SSLContext cooperates too
-            tls_socket = gevent.ssl.SSLSocket(sock=client_socket, server_side=True, do_handshake_on_connect=False,
-                                              suppress_ragged_eofs=True, _context=self.context)
+            tls_socket = _TLSSocket(sock=client_socket, server_side=True, do_handshake_on_connect=False,
+                                    suppress_ragged_eofs=True, _context=self.context)
         except OSError as exc:
             client_socket.close()
             return self._failed(address, f"TLS setup failed: {_reason(exc)}")
@@ -182,6 +191,39 @@ class TLSServer(WSGIServer):
             balancer.report_error(conn, text)
         else:
             log.info("! %s %s", conn.id, text)
+
+
+class _TLSSocket(gevent.ssl.SSLSocket):
+    """A server-side TLS connection whose ``close()`` always ends it.
+
+    pywsgi's request reader (a ``makefile()`` of the socket) lives as long as its
+    handler; a plain socket would stay open until that reader is gone too.
+    """
+
+    def close(self):
+        self._io_refs = 0
+        super().close()
+
+
+_upgrade_aware_classes = {}
+
+
+def _upgrade_aware(handler_class):
+    """``handler_class`` with a ``handle_error`` that knows an upgraded connection has no HTTP left."""
+    derived = _upgrade_aware_classes.get(handler_class)
+    if derived is None:
+        def handle_error(self, t, v, tb):
+            if self.socket is None or self.headers_sent:  # taken for a WebSocket: no 500 possible
+                self.close_connection = True
+                if not issubclass(t, gevent.GreenletExit):
+                    self._log_error(t, v, tb)
+                return
+            handler_class.handle_error(self, t, v, tb)
+
+        derived = _upgrade_aware_classes[handler_class] = type(
+            f"TLS{handler_class.__name__}", (handler_class,), {"handle_error": handle_error,
+                                                                "__module__": handler_class.__module__})
+    return derived
 
 
 # -- to backends ---------------------------------------------------------------------------------
