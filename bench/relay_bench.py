@@ -37,7 +37,7 @@ import time
 from array import array
 
 import _common
-from _common import BENCH_DIR, process_tree, rss_kib, stop, tree_cpu, wait_for_port, wait_quiet
+from _common import BENCH_DIR, free_port, process_tree, rss_kib, stop, tree_cpu, wait_for_port, wait_quiet
 
 PAYLOAD = (b"glb relay bench " * 4)[:64]
 WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -261,20 +261,20 @@ ECHO = bytes((0x81, len(PAYLOAD))) + PAYLOAD
 
 def open_sessions(port, count, deadline, batch=100):
     """``count`` WebSocket sessions to 127.0.0.1:``port``, handshakes ``batch`` at a time; non-blocking sockets."""
-    socks = []
+    socks, pending = [], []
     try:
         while len(socks) < count:
-            pending = []
+            pending, keys = [], []
             for _ in range(min(batch, count - len(socks))):
                 sock = socket.create_connection(("127.0.0.1", port), timeout=max(1.0, deadline - time.monotonic()))
                 pending.append(sock)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 key = base64.b64encode(os.urandom(16))
+                keys.append(key)
                 sock.sendall(b"GET " + PATH.encode() + b" HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n"
                              b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: %s\r\n"
                              b"Sec-WebSocket-Version: 13\r\n\r\n" % (port, key))
-                sock.key = key
-            for sock in pending:
+            for sock, key in zip(pending, keys):
                 head = b""
                 while b"\r\n\r\n" not in head:
                     chunk = sock.recv(4096)
@@ -282,7 +282,7 @@ def open_sessions(port, count, deadline, batch=100):
                         raise ConnectionError(f"port {port} closed during the handshake: {head[:200]!r}")
                     head += chunk
                 head, _, rest = head.partition(b"\r\n\r\n")
-                if not head.startswith(b"HTTP/1.1 101") or accept_value(sock.key) not in head or rest:
+                if not head.startswith(b"HTTP/1.1 101") or accept_value(key) not in head or rest:
                     raise ConnectionError(f"port {port}: unexpected handshake answer {head[:300]!r}")
                 sock.setblocking(False)
                 socks.append(sock)
@@ -292,12 +292,6 @@ def open_sessions(port, count, deadline, batch=100):
             sock.close()
         raise
     return socks
-
-
-class Socket(socket.socket):
-    """A socket that can carry its handshake key."""
-
-    __slots__ = ("key",)
 
 
 def run_load(socks, seconds, proxy_pids, backend_pids):
@@ -363,3 +357,311 @@ def run_load(socks, seconds, proxy_pids, backend_pids):
         "backend": _common.cpu_delta(backend_cpu, tree_cpu(backend_pids)),
         "client": (own.user - own_cpu.user, own.system - own_cpu.system),
     }
+
+
+def close_all(socks):
+    for sock in socks:
+        sock.close()
+
+
+# --------------------------------------------------------------------------- nginx (reference)
+
+
+def start_nginx(nginx, directory, backend_port, deadline, max_connections):
+    """nginx in the foreground, one worker, proxying WebSocket upgrades to the backend: (Popen, port)."""
+    port = free_port()
+    options = subprocess.run([nginx, "-V"], capture_output=True, text=True, timeout=10).stderr
+    temp_paths = "".join(f"    {module}_temp_path {directory}/{module}_temp;\n"
+                         for module in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+                         if module in ("client_body", "proxy") or f"--without-http_{module}_module" not in options)
+    user = "user nobody nogroup;\n" if os.geteuid() == 0 else ""
+    config = os.path.join(directory, "nginx.conf")
+    with open(config, "w") as f:
+        f.write(f"""\
+daemon off;
+master_process on;
+worker_processes 1;
+{user}pid {directory}/nginx.pid;
+error_log {directory}/nginx-error.log warn;
+worker_rlimit_nofile {max_connections * 2 + 64};
+events {{ worker_connections {max_connections * 2 + 64}; }}
+http {{
+    access_log off;
+{temp_paths}    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://127.0.0.1:{backend_port};
+            proxy_http_version 1.1;
+            proxy_set_header Upgrade $http_upgrade;
+            proxy_set_header Connection "upgrade";
+            proxy_read_timeout 1h;
+            proxy_send_timeout 1h;
+        }}
+    }}
+}}
+""")
+    with open(os.path.join(directory, "nginx.out"), "w") as out:
+        proc = subprocess.Popen([nginx, "-p", directory + "/", "-c", config, "-e", f"{directory}/nginx-error.log"],
+                                stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_for_port(port, min(deadline, time.monotonic() + 10), proc)
+    except BaseException:
+        stop(proc)
+        raise
+    return proc, port
+
+
+def nginx_log_tail(directory):
+    lines = []
+    for name in ("nginx.out", "nginx-error.log"):
+        try:
+            with open(os.path.join(directory, name)) as f:
+                lines += f.read().splitlines()[-3:]
+        except OSError:
+            pass
+    return " | ".join(lines)
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+class Scenario:
+    """One way to reach the echo backend, and what was measured through it."""
+
+    def __init__(self, name, port, proxy_pids):
+        self.name, self.port, self.proxy_pids = name, port, proxy_pids
+        self.load = self.single = None
+        self.memory = None  # (rss before KiB, rss after KiB, sessions)
+
+
+def measure(scenario, args, backend_pids, deadline):
+    """Throughput with ``--connections`` connections, then latency with one."""
+    warmup = min(0.5, args.seconds / 4)
+    socks = open_sessions(scenario.port, args.connections, deadline)
+    try:
+        run_load(socks, warmup, scenario.proxy_pids, backend_pids)
+        scenario.load = run_load(socks, args.seconds, scenario.proxy_pids, backend_pids)
+    finally:
+        close_all(socks)
+    wait_quiet(scenario.proxy_pids + backend_pids, limit=3)
+    socks = open_sessions(scenario.port, 1, deadline)
+    try:
+        run_load(socks, warmup, scenario.proxy_pids, backend_pids)
+        scenario.single = run_load(socks, args.latency_seconds, scenario.proxy_pids, backend_pids)
+    finally:
+        close_all(socks)
+    wait_quiet(scenario.proxy_pids + backend_pids, limit=3)
+
+
+def measure_memory(scenario, count, backend_pids, deadline):
+    """VmRSS of the proxy before and after ``count`` idle sessions (each has echoed one message)."""
+    warm = open_sessions(scenario.port, min(50, count), deadline)  # first-use allocations, not per session
+    try:
+        run_load(warm, 0, scenario.proxy_pids, backend_pids)
+    finally:
+        close_all(warm)
+    wait_quiet(scenario.proxy_pids, limit=3)
+    before = rss_kib(scenario.proxy_pids)
+    socks = open_sessions(scenario.port, count, deadline)
+    try:
+        run_load(socks, 0, scenario.proxy_pids, backend_pids)
+        wait_quiet(scenario.proxy_pids, limit=3)
+        scenario.memory = (before, rss_kib(scenario.proxy_pids), count)
+    finally:
+        close_all(socks)
+    wait_quiet(scenario.proxy_pids + backend_pids, limit=5)
+
+
+# --------------------------------------------------------------------------- report
+
+
+def rate(result):
+    return result["count"] / result["elapsed"]
+
+
+def percentile(latencies, fraction):
+    return latencies[min(len(latencies) - 1, int(len(latencies) * fraction))] * 1e3
+
+
+def micros(times, count):
+    return sum(times) / max(count, 1) * 1e6
+
+
+HEADER = (f"{'scenario':<14} {'conns':>5} {'msgs/s':>8} {'p50 ms':>7} {'p99 ms':>7} "
+          f"{'proxy CPU us/rt':>18} {'backend':>7} {'client':>6} {'vs direct':>9}")
+
+
+def table_row(name, result, direct, proxied=True):
+    count = result["count"]
+    user, system = result["proxy"]
+    proxy = (f"{micros(result['proxy'], count):6.1f} ({user / count * 1e6:.0f}+{system / count * 1e6:.0f})"
+             if proxied else "-")
+    versus = f"{rate(result) / rate(direct):8.2f}x" if direct else ""
+    return (f"{name:<14} {result['conns']:>5} {rate(result):8.0f} {percentile(result['latencies'], 0.5):7.3f} "
+            f"{percentile(result['latencies'], 0.99):7.3f} {proxy:>18} "
+            f"{micros(result['backend'], count):7.1f} {micros(result['client'], count):6.1f} {versus:>9}")
+
+
+def report(scenarios):
+    direct = scenarios[0]
+    print(HEADER)
+    for field in ("load", "single"):
+        for scenario in scenarios:
+            result = getattr(scenario, field)
+            if result is not None:
+                reference = getattr(direct, field)
+                print(table_row(scenario.name, result, None if scenario is direct else reference,
+                                proxied=scenario is not direct))
+    print("(proxy CPU: utime+stime of the proxy's processes per round trip, user+system in brackets;"
+          " backend and client: the same for them, us/rt)")
+    for scenario in scenarios:
+        if scenario.memory is not None:
+            before, after, count = scenario.memory
+            print(f"idle sessions, {scenario.name}: {(after - before) / count:.2f} KiB per session "
+                  f"(VmRSS {before / 1024:.1f} MiB -> {after / 1024:.1f} MiB with {count} sessions open)")
+
+
+def report_targets(by_name):
+    glb, handler, nginx = by_name.get("glb"), by_name.get("glb+handler"), by_name.get("nginx")
+    if glb is None:
+        return
+    print("targets (glb, no handler):")
+    cpu = micros(glb.load["proxy"], glb.load["count"])
+    line = f"  CPU per round trip {cpu:6.1f} us   target <= {TARGETS_US} us: {'met' if cpu <= TARGETS_US else 'MISSED'}"
+    if nginx is not None:
+        line += f"; nginx {micros(nginx.load['proxy'], nginx.load['count']):.1f} us"
+    print(line)
+    p50 = percentile(glb.single["latencies"], 0.5)
+    if nginx is not None:
+        reference = percentile(nginx.single["latencies"], 0.5)
+        print(f"  N=1 p50            {p50:6.3f} ms   target <= nginx {reference:.3f} + {TARGET_P50_MS} ms: "
+              f"{'met' if p50 <= reference + TARGET_P50_MS else 'MISSED'}")
+    else:
+        print(f"  N=1 p50            {p50:6.3f} ms   (no nginx in this run to compare with)")
+    if glb.memory is not None:
+        before, after, count = glb.memory
+        kib = (after - before) / count
+        line = f"  idle session       {kib:6.2f} KiB  target <= {TARGET_KIB} KiB: {'met' if kib <= TARGET_KIB else 'MISSED'}"
+        if nginx is not None and nginx.memory is not None:
+            line += f"; nginx {(nginx.memory[1] - nginx.memory[0]) / nginx.memory[2]:.2f} KiB"
+        print(line)
+    if handler is not None:
+        extra = micros(handler.load["proxy"], handler.load["count"]) - cpu
+        print(f"  with the empty client_message handler: {extra:+.1f} us per round trip")
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def raise_fd_limit(wanted):
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # children (glb) inherit it
+        soft = hard
+    return soft
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seconds", type=float, default=10, help="throughput phase per target (default 10)")
+    parser.add_argument("--latency-seconds", type=float, default=5,
+                        help="single-connection phase per target (default 5)")
+    parser.add_argument("--connections", type=int, default=200, help="connections in the throughput phase")
+    parser.add_argument("--idle-sessions", type=int, default=2000, help="sessions for the memory figure")
+    parser.add_argument("--no-nginx", action="store_true", help="skip the nginx reference")
+    parser.add_argument("--no-handler", action="store_true", help="skip the run with a client_message handler")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 2 s, 1 s, 50 connections, 200 idle sessions")
+    parser.add_argument("--deadline", type=float, help="whole run, seconds (default: from the phases)")
+    parser.add_argument("--serve-echo", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.serve_echo:
+        return serve_echo()
+    if args.quick:
+        args.seconds, args.latency_seconds, args.connections, args.idle_sessions = 2, 1, 50, 200
+    if min(args.seconds, args.latency_seconds) <= 0 or args.connections < 1 or args.idle_sessions < 0:
+        parser.error("durations and --connections must be positive, --idle-sessions not negative")
+    nginx = None if args.no_nginx else shutil.which("nginx")
+    if args.deadline is None:
+        args.deadline = 4 * (args.seconds + args.latency_seconds + 10) + args.idle_sessions / 100 + 60
+    fd_limit = raise_fd_limit(args.idle_sessions + args.connections + 64)
+    if fd_limit < 2 * args.idle_sessions + 64:
+        shrunk = max(0, (fd_limit - 64) // 2)
+        print(f"fd limit {fd_limit} (ulimit -n): --idle-sessions {args.idle_sessions} -> {shrunk}")
+        args.idle_sessions = shrunk
+    deadline = time.monotonic() + args.deadline
+    signal.signal(signal.SIGALRM, lambda *_: sys.exit("relay_bench: deadline passed"))
+    signal.alarm(int(args.deadline) + 1)
+
+    tmp = _common.temp_dir("glb-relay-bench-")
+    procs = []  # every child, stopped in the finally
+    nginx_pids = []
+    try:
+        backend = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve-echo"],
+                                   stdout=subprocess.PIPE, text=True, env=_common.glb_env())
+        procs.append(backend)
+        backend_port = int(backend.stdout.readline())
+        backend_pids = [backend.pid]
+        version = ""
+        if nginx:
+            version = subprocess.run([nginx, "-v"], capture_output=True, text=True,
+                                     timeout=10).stderr.strip().split("/")[-1]
+        print(f"relay bench: {len(PAYLOAD)}-byte text echo; {args.connections} connections x {args.seconds:g} s,"
+              f" 1 connection x {args.latency_seconds:g} s, {args.idle_sessions} idle sessions; "
+              f"cpus={os.cpu_count()} fd limit={fd_limit} python={sys.version.split()[0]} "
+              f"nginx={version or 'not used'}", flush=True)
+
+        scenarios = [Scenario("direct", backend_port, [])]
+        measure(scenarios[0], args, backend_pids, deadline)
+
+        glb, port = _common.start_glb(sys.executable, tmp, backend_port, deadline)
+        procs.append(glb)
+        scenarios.append(Scenario("glb", port, [glb.pid]))
+        if args.idle_sessions:
+            measure_memory(scenarios[-1], args.idle_sessions, backend_pids, deadline)
+        measure(scenarios[-1], args, backend_pids, deadline)
+        stop(glb)
+
+        if not args.no_handler:
+            glb, port = _common.start_glb(sys.executable, tmp, backend_port, deadline, name="lb-handler.ini",
+                                          modules="handlers_passthrough", extra_paths=(BENCH_DIR,))
+            procs.append(glb)
+            scenarios.append(Scenario("glb+handler", port, [glb.pid]))
+            measure(scenarios[-1], args, backend_pids, deadline)
+            stop(glb)
+
+        if nginx:
+            try:
+                proc, port = start_nginx(nginx, tmp, backend_port, deadline,
+                                         max(args.idle_sessions, args.connections) + 64)
+            except (OSError, RuntimeError) as exc:
+                print(f"nginx did not start ({exc}): {nginx_log_tail(tmp)}")
+            else:
+                procs.append(proc)
+                time.sleep(0.2)  # the worker is forked after the master listens
+                nginx_pids = process_tree(proc.pid)
+                scenarios.append(Scenario("nginx", port, nginx_pids))
+                if args.idle_sessions:
+                    measure_memory(scenarios[-1], args.idle_sessions, backend_pids, deadline)
+                measure(scenarios[-1], args, backend_pids, deadline)
+
+        for scenario in scenarios:
+            scenario.load["conns"] = args.connections
+            scenario.single["conns"] = 1
+        report(scenarios)
+        report_targets({scenario.name: scenario for scenario in scenarios})
+        return 0
+    finally:
+        for proc in reversed(procs):
+            stop(proc)
+        for pid in nginx_pids:  # workers outlive a master killed the hard way
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        shutil.rmtree(tmp, ignore_errors=True)
+        signal.alarm(0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

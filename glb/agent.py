@@ -22,8 +22,18 @@ queue is filled with the registration (client snapshot included) in the same
 step that makes it visible to ``client_connected``/``client_disconnected``, so
 a client record is never sent before server data or overtaken by an older one.
 
-Broadcasts from this backend (``agent.broadcast``) are a later issue; they will
-encode an envelope with ``glb.control_records`` and hand it to ``send_envelope``.
+Broadcasts (PROTOCOL.md, "Broadcast across backends")::
+
+    agent = Agent(urls, ..., on_envelope=deliver)
+    agent.broadcast("price 42", channel="prices")    # to the clients of every backend, this one included
+
+    def deliver(envelope):                           # every envelope glb relays to this backend
+        for conn_id in agent.recipients(envelope):   # this backend's clients it is meant for
+            my_websockets[conn_id].send(envelope.payload)
+
+``broadcast`` queues the envelope on the first connected glb, which relays it to every
+ready backend in the order this backend sent its envelopes. Delivery is at most once:
+an envelope sent while no glb is connected, or lost with a dropped channel, is gone.
 """
 
 import logging
@@ -50,6 +60,51 @@ _SCHEMES = {"ws": "ws", "wss": "wss", "http": "ws", "https": "wss"}
 # Queue items besides text/bytes to send.
 _END = object()    # the channel's reader has finished: the channel is gone
 _CLOSE = object()  # stop(): close the channel with 1000
+
+
+def select_clients(envelope, clients):
+    """The ids in ``clients`` (id -> ClientRecord, or anything with ``channel`` and ``protocol``)
+    that ``envelope`` is meant for, in the mapping's order.
+
+    Text envelope: ``guid`` set means that one connection only; ``include`` set keeps only
+    those ids; ``exclude`` drops ids; ``channel`` / ``protocol`` set keep only clients with
+    exactly that channel / protocol. Binary envelope: ``target`` set means that one
+    connection only, else everyone.
+    """
+    if isinstance(envelope, control_records.BinaryEnvelope):
+        if envelope.target:
+            return [envelope.target] if envelope.target in clients else []
+        return list(clients)
+    if envelope.guid:
+        candidates = [envelope.guid] if envelope.guid in clients else []
+    else:
+        candidates = list(clients)
+    include = envelope.include_ids
+    if include:
+        include = frozenset(include)
+        candidates = [conn_id for conn_id in candidates if conn_id in include]
+    exclude = envelope.exclude_ids
+    if exclude:
+        exclude = frozenset(exclude)
+        candidates = [conn_id for conn_id in candidates if conn_id not in exclude]
+    if envelope.channel:
+        candidates = [c for c in candidates if clients[c].channel == envelope.channel]
+    if envelope.protocol:
+        candidates = [c for c in candidates if clients[c].protocol == envelope.protocol]
+    return candidates
+
+
+def encode_envelope(message, guid="", channel="", protocol="", include="", exclude=""):
+    """The envelope for ``message``: str as a text envelope, bytes as a binary one.
+
+    A binary envelope has room for one target id (``guid``) only; RecordError if filters are given.
+    """
+    if isinstance(message, str):
+        return control_records.encode_text_envelope(message, guid, channel, protocol, include, exclude)
+    if channel or protocol or include or exclude:
+        raise RecordError("binary envelope: only a target id fits; channel, protocol, include "
+                          "and exclude are text only")
+    return control_records.encode_binary_envelope(guid, message)
 
 
 def control_url(url):
@@ -315,6 +370,19 @@ class Agent:
                 link.put(message)
                 return True
         return False
+
+    def broadcast(self, message, channel="", protocol="", include="", exclude="", guid=""):
+        """Send ``message`` (str or bytes) to the clients of every backend glb holds, this one included.
+
+        The filters travel in the envelope and each backend applies them to its own clients
+        (``recipients``); ``guid`` addresses one connection. True if queued on a connected glb;
+        False if none is connected (the message is dropped: delivery is at most once).
+        """
+        return self.send_envelope(encode_envelope(message, guid, channel, protocol, include, exclude))
+
+    def recipients(self, envelope):
+        """The ids of this backend's clients (as reported with ``client_connected``) ``envelope`` is for."""
+        return select_clients(envelope, self.clients)
 
     def handle_envelope(self, message, link):
         """A message glb sent on a control channel: decode it and call ``on_envelope``."""

@@ -62,10 +62,10 @@ class Outbox:
     session's ``finally``. ``put`` never blocks; a full queue closes the channel with 1008.
     """
 
-    def __init__(self, balancer, conn, size=OUTBOX_SIZE):
+    def __init__(self, balancer, conn, size=None):
         self.balancer = balancer
         self.conn = conn
-        self.queue = Queue(maxsize=size)
+        self.queue = Queue(maxsize=size or OUTBOX_SIZE)
         self.overflowed = False
         self._writer = None
         self._closer = None

@@ -2,7 +2,10 @@
 
 Over WebSocket (any path) it echoes every message unchanged (text and binary)
 and echoes the close code and reason, except that the text ``whoami`` is
-answered with its guid. Over HTTP, ``GET /`` serves a demo page (its script
+answered with its guid and a text ``broadcast:<payload>`` is not echoed but
+broadcast through glb: ``<payload>`` reaches every client of every backend
+registered with that glb (this one's included). A client that connected with
+``?channel=NAME`` is in that channel, so envelopes for a channel reach it. Over HTTP, ``GET /`` serves a demo page (its script
 opens a WebSocket to the page's own origin, so through glb, and shows which
 backend answered) and ``GET /whoami`` returns the guid as text/plain. Every
 WebSocket client is reported to glb (client records), so fewest-connections
@@ -27,6 +30,7 @@ import logging  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
 import uuid  # noqa: E402
+from urllib.parse import parse_qs  # noqa: E402
 
 import gevent  # noqa: E402
 from gevent.event import Event  # noqa: E402
@@ -34,14 +38,18 @@ from gevent.pool import Group  # noqa: E402
 from gevent.pywsgi import WSGIHandler, WSGIServer  # noqa: E402
 
 from glb import handshake  # noqa: E402
-from glb.agent import Agent  # noqa: E402
+from glb.agent import Agent, select_clients  # noqa: E402
 from glb.control import SGC_CONTROL_PATH  # noqa: E402
+from glb.control_records import ClientRecord, TextEnvelope  # noqa: E402
 from glb.errors import CloseCode, ConnectionClosed, Status  # noqa: E402
+from glb.frames import OP_BINARY, OP_TEXT, encode_frame  # noqa: E402
 from glb.server import UpgradeHandler, accept_websocket  # noqa: E402
 
 log = logging.getLogger("glb.demo")
 
 WHOAMI = "whoami"
+BROADCAST = "broadcast:"
+CLIENT_SEND_TIMEOUT = 5.0  # a client that reads nothing this long while a broadcast waits is dropped
 PAGE = "static/demo.html"
 
 
@@ -78,6 +86,7 @@ class DemoBackend:
         self.agent = None
         self.sessions = Group()  # one greenlet per WebSocket client
         self.websockets = {}     # conn id -> WebSocket, so stop() can close them
+        self.clients = {}        # conn id -> ClientRecord (channel), what broadcasts are filtered by
         self._ids = itertools.count(1)
 
     def __repr__(self):
@@ -92,7 +101,7 @@ class DemoBackend:
         log.info("= demo backend %s listening on %s:%s", self.guid, self.host, self.port)
         if self.lb_urls:
             self.agent = Agent(self.lb_urls, guid=self.guid, bindings=[(self.host or "0.0.0.0", self.port)],
-                               token=self.token)
+                               token=self.token, on_envelope=self.deliver)
             self.agent.start()
         return self.port
 
@@ -123,31 +132,64 @@ class DemoBackend:
         except OSError:
             return
         peer = handler.client_address
+        query = parse_qs(handler.environ.get("QUERY_STRING", ""))
+        channel = query.get("channel", [""])[0]
         if detached:
-            self.sessions.spawn(self.serve, ws, peer)
+            self.sessions.spawn(self.serve, ws, peer, channel)
         else:
-            self.serve(ws, peer)
+            self.serve(ws, peer, channel)
 
-    def serve(self, ws, peer):
-        """Echo until the client leaves; ``whoami`` gets the guid."""
+    def serve(self, ws, peer, channel=""):
+        """Echo until the client leaves; ``whoami`` gets the guid, ``broadcast:...`` is broadcast."""
         conn_id = f"{self.guid}-{next(self._ids)}"
+        ws.send_timeout = CLIENT_SEND_TIMEOUT
         self.websockets[conn_id] = ws
+        ip = peer[0] if peer else ""
+        self.clients[conn_id] = ClientRecord(True, conn_id, ip, channel)
         if self.agent is not None:
-            self.agent.client_connected(conn_id, ip=peer[0] if peer else "")
+            self.agent.client_connected(conn_id, ip=ip, channel=channel)
         try:
             while True:
                 message = ws.receive()
                 if message is None:
                     break
-                ws.send(self.guid if message == WHOAMI else message)
+                if isinstance(message, str) and message.startswith(BROADCAST):
+                    self.broadcast(message[len(BROADCAST):])
+                else:
+                    ws.send(self.guid if message == WHOAMI else message)
         except ConnectionClosed:
             pass
         finally:
             self.websockets.pop(conn_id, None)
+            self.clients.pop(conn_id, None)
             if self.agent is not None:
                 self.agent.client_disconnected(conn_id)
             if not ws.closed:
                 ws.abort()
+
+    # -- broadcasts ------------------------------------------------------------------------------
+
+    def broadcast(self, payload, channel=""):
+        """Send ``payload`` to the clients of every backend through glb; only to ours if no glb is connected."""
+        if self.agent is not None and self.agent.broadcast(payload, channel=channel):
+            return
+        self.deliver(TextEnvelope(channel=channel, payload=payload))
+
+    def deliver(self, envelope):
+        """An envelope from glb (``on_envelope``): its payload to each of our clients it is meant for."""
+        payload = envelope.payload
+        if isinstance(payload, str):
+            frame = encode_frame(OP_TEXT, payload.encode("utf-8"), mask=False)
+        else:
+            frame = encode_frame(OP_BINARY, payload, mask=False)
+        for conn_id in select_clients(envelope, self.clients):  # encoded once, the same bytes for all
+            ws = self.websockets.get(conn_id)
+            if ws is None:
+                continue
+            try:
+                ws.send_raw(frame)
+            except ConnectionClosed:  # that client's own greenlet cleans up
+                pass
 
     # -- HTTP ------------------------------------------------------------------------------------
 

@@ -1,0 +1,435 @@
+"""Broadcast across backends (issue 7): envelopes relayed by glb, glb's own API, the agent and the demo.
+
+Everything runs on 127.0.0.1 with real sockets; the first test uses real processes
+(``python -m glb`` and two ``python -m glb.demo_backend``). No test sleeps to guess at
+timing: each waits for an event, a received message, or a condition with a deadline.
+"""
+
+import os
+import socket
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import gevent
+import gevent.event
+import pytest
+import requests
+import websocket
+
+from glb import broadcast
+from glb import control_records as records
+from glb.agent import Agent, encode_envelope, select_clients
+from glb.control_records import ClientRecord, RecordError
+from glb.demo_backend import DemoBackend
+from glb.errors import CloseCode
+from glb.frames import OP_BINARY, OP_CONTINUATION, OP_PING, encode_frame
+from tests.backends import ScriptedBackend, started
+from tests.support import base_url, running_glb, ws_connect
+from tests.test_agent import free_port
+from tests.test_control import Recorder, open_channel, received, register
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def wait_until(condition, timeout=10, what="condition"):
+    """Poll ``condition`` until true (for state in another process, which sends no event)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not met within {timeout} s")
+        gevent.sleep(0.02)
+
+
+def demo_client(backend, path="/"):
+    """A client connected straight to a demo backend, known to it once this returns (whoami answered)."""
+    ws = ws_connect(f"ws://127.0.0.1:{backend.port}{path}")
+    ws.send("whoami")
+    assert ws.recv() == backend.guid
+    return ws
+
+
+def close_all(*clients):
+    for ws in clients:
+        ws.close()
+
+
+def demo_pair(glb):
+    """Two demo backends registered with ``glb`` (in this process, real sockets)."""
+    seen = Recorder(glb, "server_ready")
+    pair = (DemoBackend(lb_urls=[base_url(glb)], guid="A"), DemoBackend(lb_urls=[base_url(glb)], guid="B"))
+    return seen, pair
+
+
+# -- the issue's headline, with real processes ----------------------------------------------------
+
+@pytest.mark.timeout(40)
+def test_broadcast_from_a_client_on_backend_a_reaches_clients_of_a_and_b_real_processes(tmp_path):
+    glb_port, ports = free_port(), (free_port(), free_port())
+    config = tmp_path / "lb.ini"
+    config.write_text(f"[glb]\nlisten = 127.0.0.1:{glb_port}\nbalancing = round_robin\nlog_level = info\n"
+                      "[handlers]\nmodules =\n")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    processes, logs = [], []
+
+    def spawn(name, *args):
+        log = open(tmp_path / f"{name}.log", "w+b")
+        logs.append(log)
+        processes.append(subprocess.Popen([sys.executable, "-m", *args], cwd=ROOT, env=env,
+                                          stdout=log, stderr=subprocess.STDOUT))
+
+    def offered_ports():
+        url = f"http://127.0.0.1:{glb_port}/sgc@lb@client@get@binding"
+        try:
+            answers = [requests.get(url, timeout=2) for _ in range(4)]
+        except requests.ConnectionError:
+            return set()
+        return {a.json()["port"] for a in answers if a.status_code == 200}
+
+    try:
+        spawn("glb", "glb", str(config))
+        for port, guid in zip(ports, ("proc-a", "proc-b")):
+            spawn(guid, "glb.demo_backend", "--port", str(port), "--lb", f"ws://127.0.0.1:{glb_port}",
+                  "--guid", guid)
+        wait_until(lambda: offered_ports() == set(ports), timeout=20, what="both backends ready in glb")
+
+        on_a = ws_connect(f"ws://127.0.0.1:{ports[0]}/")
+        on_b = ws_connect(f"ws://127.0.0.1:{ports[1]}/")
+        through_glb = ws_connect(f"ws://127.0.0.1:{glb_port}/room")
+        for ws, expected in ((on_a, {"proc-a"}), (on_b, {"proc-b"}), (through_glb, {"proc-a", "proc-b"})):
+            ws.send("whoami")  # answered: the backend knows this client
+            assert ws.recv() in expected
+
+        on_a.send("broadcast:hi")
+        assert on_a.recv() == "hi"  # the sender's own backend, through glb and back
+        assert on_b.recv() == "hi"
+        assert through_glb.recv() == "hi"  # a client relayed by glb, on whichever backend
+        for ws in (on_a, on_b, through_glb):
+            ws.close()
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in processes:
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=5)
+    output = b"".join(log.seek(0) or log.read() for log in logs).decode(errors="replace")
+    for log in logs:
+        log.close()
+    assert "Traceback" not in output, output
+    assert all(p.returncode == 0 for p in processes), output
+
+
+# -- the relay on glb ---------------------------------------------------------------------------
+
+def test_a_message_handler_that_marks_handled_stops_the_relay():
+    with running_glb() as glb:
+        seen, (a, b) = demo_pair(glb)
+        handled = []
+
+        def keep_secret(event):
+            if records.parse_text_envelope(event.text).payload == "secret":
+                event.handled = True
+                handled.append(event)
+
+        glb.bus.add_handler("message", keep_secret, origin="test")
+        with started(a, b):
+            seen.wait("server_ready", count=2)
+            on_a, on_b = demo_client(a), demo_client(b)
+            on_a.send("broadcast:secret")
+            on_a.send("broadcast:public")
+            # Per-sender order is kept, so "secret" would have arrived first had it been relayed.
+            assert on_a.recv() == "public" and on_b.recv() == "public"
+            assert len(handled) == 1 and handled[0].connection.kind == "control"
+            close_all(on_a, on_b)
+
+
+def test_a_binary_handler_that_marks_handled_stops_the_relay():
+    with running_glb() as glb:
+        seen = Recorder(glb, "server_ready", "binary")
+        glb.bus.add_handler("binary", lambda e: setattr(e, "handled", e.data.endswith(b"secret")),
+                            origin="test")
+        a = register(glb, "a", 9001, seen)
+        b = register(glb, "b", 9002, seen)
+        a.send(records.encode_binary_envelope("", b"secret"))
+        a.send(records.encode_binary_envelope("", b"public"))
+        assert received(b) == received(a) == records.encode_binary_envelope("", b"public")
+        assert len(seen.wait("binary", count=2)) == 2
+        a.close()
+        b.close()
+
+
+@pytest.mark.parametrize("bad,error_part", [
+    ("12x", "3 ASCII digits"),
+    ("999{}", "longer than the message"),
+    ('010{"guid":1}xx', "must be a string"),
+    (b"12345", "10 ASCII digits"),
+    (b"0000000004\xff\xfe\xfd\xfcpayload", "not valid UTF-8"),
+])
+def test_a_malformed_envelope_fires_error_and_the_channel_stays_up(bad, error_part):
+    with running_glb() as glb:
+        seen = Recorder(glb, "server_ready", "error", "message", "binary", "server_disconnect")
+        sender = register(glb, "raw", 9001, seen)
+        demo = DemoBackend(lb_urls=[base_url(glb)], guid="demo")
+        with started(demo):
+            seen.wait("server_ready", count=2)
+            client = demo_client(demo)
+            sender.send(bad)
+            error = seen.wait("error")[0]
+            assert error_part in error.error and error.connection.kind == "control"
+            assert seen.of("message") == seen.of("binary") == []  # parsed before any event: dropped
+            sender.send(records.encode_text_envelope("after"))  # the same channel still relays
+            assert client.recv() == "after"
+            assert received(sender) == records.encode_text_envelope("after")
+            assert seen.of("server_disconnect") == [] and not sender.closed
+            client.close()
+        sender.close()
+
+
+def test_envelopes_from_one_backend_reach_every_backend_in_the_order_sent():
+    with running_glb() as glb:
+        seen = Recorder(glb, "server_ready")
+        channels = [register(glb, name, 9001 + i, seen) for i, name in enumerate("abc")]
+        sent = [records.encode_text_envelope(f"m{i}") for i in range(300)]
+        sent[150] = records.encode_binary_envelope("", b"binary in the middle")
+        sender = gevent.spawn(lambda: [channels[0].send(e) for e in sent])
+        for ws in channels:
+            assert [received(ws) for _ in sent] == sent
+        sender.get(timeout=5)
+        for ws in channels:
+            ws.close()
+
+
+def test_draining_backends_get_envelopes_and_not_yet_ready_ones_do_not():
+    with running_glb() as glb:
+        seen = Recorder(glb, "server_ready")
+        a = register(glb, "a", 9001, seen)
+        draining = register(glb, "d", 9002, seen)
+        glb.registry.drain("d")
+        pending = open_channel(glb)
+        pending.send(records.encode_server_data("p"))
+        wait_until(lambda: "p" in glb.control_channels, timeout=5, what="server data applied")
+        first, second = records.encode_text_envelope("first"), records.encode_text_envelope("second")
+        a.send(first)
+        assert received(a) == first and received(draining) == first
+        pending.send(records.READY)
+        seen.wait("server_ready", count=3)
+        a.send(second)
+        assert received(pending) == second  # "first" never reached it
+        for ws in (a, draining, pending):
+            ws.close()
+
+
+def test_a_backend_that_does_not_read_is_closed_1008_without_stalling_the_others(monkeypatch):
+    monkeypatch.setattr(broadcast, "OUTBOX_SIZE", 4)
+    monkeypatch.setattr(broadcast, "CLOSE_WAIT", 0.2)  # its write is stuck: no close frame gets through
+    with running_glb() as glb:
+        seen = Recorder(glb, "server_ready", "error", "server_disconnect")
+        sender = register(glb, "sender", 9001, seen)
+        other = register(glb, "other", 9002, seen)
+        stuck = register(glb, "stuck", 9003, seen)  # never reads: its socket buffers fill, then its Outbox
+        big = [records.encode_text_envelope(f"{i:04d}" + "x" * (1 << 20)) for i in range(24)]
+        got = {"sender": [], "other": []}
+        progress = gevent.event.Event()
+
+        def read(name, ws):
+            for _ in big:
+                got[name].append(received(ws, timeout=10)[:25])
+                progress.set()
+
+        readers = [gevent.spawn(read, "sender", sender), gevent.spawn(read, "other", other)]
+        for i, envelope in enumerate(big):
+            # A well-behaved sender: at most 2 envelopes ahead of the backends that read.
+            while min(map(len, got.values())) < i - 1:
+                progress.clear()
+                assert progress.wait(10), "the reading backends stalled"
+            sender.send(envelope)
+        gone = seen.wait("server_disconnect", timeout=10)[0]
+        assert gone.backend.guid == "stuck" and gone.code == CloseCode.POLICY_VIOLATION
+        assert any(broadcast.SLOW_CONSUMER in e.error for e in seen.of("error"))
+        gevent.joinall(readers, timeout=15, raise_error=True)
+        expected = [e[:25] for e in big]
+        assert got["sender"] == expected and got["other"] == expected  # all of them, in order
+        assert "stuck" not in glb.control_channels and glb.registry.get("stuck") is None
+        with gevent.Timeout(10):  # reading at last, it finds the end of the channel, not the rest
+            count = 0
+            while stuck.receive() is not None:
+                count += 1
+        assert count < len(big) and stuck.close_code in (CloseCode.POLICY_VIOLATION, CloseCode.ABNORMAL)
+        sender.close()
+        other.close()
+
+
+# -- glb's own API ------------------------------------------------------------------------------
+
+def test_write_data_to_a_backend_client_id_reaches_only_that_client():
+    with running_glb() as glb:
+        seen, (a, b) = demo_pair(glb)
+        with started(a, b):
+            seen.wait("server_ready", count=2)
+            a1, a2, b1 = demo_client(a), demo_client(a), demo_client(b)
+            assert glb.write_data("A-1", "just you") == 2  # an envelope to both ready backends
+            assert glb.broadcast("marker") == 2
+            assert a1.recv() == "just you" and a1.recv() == "marker"
+            assert a2.recv() == "marker" and b1.recv() == "marker"  # "just you" would have come first
+
+            assert glb.write_data("B-1", b"\x00bytes") == 2  # a binary envelope with that target
+            glb.broadcast(b"\x01marker")
+            assert b1.recv() == b"\x00bytes" and b1.recv() == b"\x01marker"
+            assert a1.recv() == b"\x01marker" and a2.recv() == b"\x01marker"
+            close_all(a1, a2, b1)
+
+
+def test_broadcast_filters_reach_the_backends_clients_through_the_agent():
+    with running_glb() as glb:
+        seen, (a, b) = demo_pair(glb)
+        with started(a, b):
+            seen.wait("server_ready", count=2)
+            news_a, plain_a = demo_client(a, "/?channel=news"), demo_client(a)
+            news_b, plain_b = demo_client(b, "/?channel=news"), demo_client(b)
+            assert glb.broadcast("headline", channel="news") == 2
+            assert glb.broadcast("to all but one", exclude=["B-2", "nobody"]) == 2
+            glb.broadcast("marker")
+            assert [news_a.recv(), news_a.recv(), news_a.recv()] == ["headline", "to all but one", "marker"]
+            assert [news_b.recv(), news_b.recv(), news_b.recv()] == ["headline", "to all but one", "marker"]
+            assert [plain_a.recv(), plain_a.recv()] == ["to all but one", "marker"]
+            assert plain_b.recv() == "marker"
+            with pytest.raises(RecordError, match="text only"):
+                glb.broadcast(b"bytes", channel="news")
+            close_all(news_a, plain_a, news_b, plain_b)
+
+
+def test_write_data_to_glbs_own_connections():
+    backend = ScriptedBackend()
+    with started(backend), running_glb(**{"backend:b0": backend.static_section()}) as glb:
+        seen = Recorder(glb, "server_ready", "client_connect", "connect", "disconnect")
+        relayed = ws_connect(base_url(glb) + "/chat")
+        session = seen.wait("client_connect")[0].connection
+        echo = ws_connect(base_url(glb) + "/glb/echo")
+        control = register(glb, "c", 9001, seen)
+        own = next(e.connection for e in seen.of("connect") if e.connection.path == "/glb/echo")
+        channel = glb.control_channels["c"].conn
+
+        assert glb.write_data(session.id, "from glb") == 1
+        assert relayed.recv() == "from glb"
+        assert glb.write_data(session.id, b"\x00\xff") == 1
+        assert relayed.recv() == b"\x00\xff"
+        relayed.send("still relayed")  # the stream is intact both ways
+        assert relayed.recv() == "still relayed"
+        assert glb.write_data(own.id, "to the echo client") == 1
+        assert echo.recv() == "to the echo client"
+        assert glb.write_data(channel.id, "to a control channel") == 1
+        assert received(control) == "to a control channel"
+
+        relayed.close()
+        seen.wait("disconnect", match=lambda e: e.connection is session)
+        # No longer glb's: the id is taken for a backend's client, addressed through the backends.
+        assert glb.write_data(session.id, "gone") == 1
+        assert received(control) == records.encode_text_envelope("gone", guid=session.id)
+        echo.close()
+        control.close()
+
+
+@pytest.mark.parametrize("cut", ["mid-frame", "between fragments"])
+def test_write_data_to_a_relayed_client_waits_for_the_end_of_the_backends_message(monkeypatch, cut):
+    monkeypatch.setattr(broadcast, "SEND_BETWEEN_TIMEOUT", 0.2)
+    release = gevent.event.Event()
+    payload = b"0123456789" * 1000
+    if cut == "mid-frame":  # one frame, written in two pieces
+        whole = encode_frame(OP_BINARY, payload, mask=False)
+        pieces = [whole[:3000], whole[3000:]]
+    else:  # a message in two fragments
+        pieces = [encode_frame(OP_BINARY, payload[:3000], fin=False, mask=False),
+                  encode_frame(OP_CONTINUATION, payload[3000:], mask=False)]
+
+    def send_in_two(ws, environ):
+        ws.send_raw(pieces[0])
+        release.wait(10)
+        ws.send_raw(pieces[1])
+        ws.receive()
+
+    backend = ScriptedBackend(send_in_two)
+    with started(backend), running_glb(**{"backend:b0": backend.static_section()}) as glb:
+        seen = Recorder(glb, "client_connect")
+        client = ws_connect(base_url(glb) + "/")
+        session = seen.wait("client_connect")[0].connection
+        wait_until(lambda: len(client.sock.recv(65536, socket.MSG_PEEK)) == len(pieces[0]), timeout=5,
+                   what="the first piece relayed to the client")
+        assert glb.write_data(session.id, "not now") == 0  # it would land inside the message
+        release.set()
+        assert client.recv() == payload  # whole: nothing was written into it
+        assert glb.write_data(session.id, "now") == 1
+        assert client.recv() == "now"
+        client.close()
+
+
+def test_ping_reaches_every_connection_glb_holds():
+    backend = ScriptedBackend()
+    with started(backend), running_glb(**{"backend:b0": backend.static_section()}) as glb:
+        seen = Recorder(glb, "server_ready", "client_connect", "connect")
+        relayed = ws_connect(base_url(glb) + "/")
+        seen.wait("client_connect")
+        echo = ws_connect(base_url(glb) + "/glb/echo")
+        control = register(glb, "c", 9001, seen)
+        seen.wait("connect", count=3)
+        assert glb.ping() == 3
+        for ws in (relayed, echo):
+            opcode, data = ws.recv_data(control_frame=True)
+            assert (opcode, data) == (websocket.ABNF.OPCODE_PING, broadcast.PING_PAYLOAD)
+        with gevent.Timeout(5):
+            frame = control.receive_frame()
+        assert (frame.opcode, frame.payload) == (OP_PING, broadcast.PING_PAYLOAD)
+        for ws in (relayed, echo, control):
+            ws.close()
+
+
+# -- the agent and the demo backend, without glb -------------------------------------------------
+
+CLIENTS = {
+    "c1": ClientRecord(True, "c1", channel="news"),
+    "c2": ClientRecord(True, "c2", channel="news", protocol="v2"),
+    "c3": ClientRecord(True, "c3"),
+}
+
+
+@pytest.mark.parametrize("envelope,expected", [
+    (records.TextEnvelope(payload="x"), ["c1", "c2", "c3"]),
+    (records.TextEnvelope(guid="c2"), ["c2"]),
+    (records.TextEnvelope(guid="elsewhere"), []),
+    (records.TextEnvelope(channel="news"), ["c1", "c2"]),
+    (records.TextEnvelope(protocol="v2"), ["c2"]),
+    (records.TextEnvelope(include="c3, c1"), ["c1", "c3"]),
+    (records.TextEnvelope(exclude="c1,c3"), ["c2"]),
+    (records.TextEnvelope(channel="news", exclude="c2"), ["c1"]),
+    (records.TextEnvelope(guid="c3", channel="news"), []),
+    (records.BinaryEnvelope("", b"x"), ["c1", "c2", "c3"]),
+    (records.BinaryEnvelope("c3", b"x"), ["c3"]),
+    (records.BinaryEnvelope("gone", b"x"), []),
+])
+def test_select_clients(envelope, expected):
+    assert select_clients(envelope, CLIENTS) == expected
+
+
+def test_encode_envelope_and_an_agent_with_no_glb_connected():
+    assert encode_envelope("hi", channel="n") == records.encode_text_envelope("hi", channel="n")
+    assert encode_envelope(b"\x00", guid="c9") == records.encode_binary_envelope("c9", b"\x00")
+    with pytest.raises(RecordError, match="text only"):
+        encode_envelope(b"\x00", channel="n")
+    agent = Agent(f"ws://127.0.0.1:{free_port()}")  # not started: no glb connected
+    assert agent.broadcast("dropped") is False
+    agent.client_connected("c1", channel="news")
+    assert agent.recipients(records.TextEnvelope(channel="news")) == ["c1"]
+
+
+def test_a_demo_backend_without_glb_broadcasts_to_its_own_clients():
+    demo = DemoBackend(guid="solo")
+    with started(demo):
+        one, two = demo_client(demo), demo_client(demo)
+        one.send("broadcast:local")
+        assert one.recv() == "local" and two.recv() == "local"
+        close_all(one, two)
