@@ -40,6 +40,9 @@ class UpgradeHandler(WebSocketHandler):
         if self.socket.family != stdlib_socket.AF_UNIX:
             # pywsgi writes headers and body separately: without this, Nagle delays small answers
             self.socket.setsockopt(stdlib_socket.IPPROTO_TCP, stdlib_socket.TCP_NODELAY, 1)
+        # A client that sends its request (or the next one) too slowly is let go; sessions
+        # clear this once upgraded (see _take_socket).
+        self.socket.settimeout(getattr(self.server, "read_timeout", None))
         super().handle()
 
     def run_application(self):
@@ -105,6 +108,7 @@ class Balancer:
             server = WSGIServer((host, port), self.wsgi_app, handler_class=UpgradeHandler,
                                 log=None, error_log=_PywsgiErrorLog())
             server.balancer = self
+            server.read_timeout = settings.glb.handshake_timeout
             server.start()
             self.servers.append(server)
             log.info("= listening on http://%s", _format_address(server.address))
@@ -113,6 +117,7 @@ class Balancer:
                                    handshake_timeout=settings.glb.handshake_timeout,
                                    handler_class=UpgradeHandler, log=None, error_log=_PywsgiErrorLog())
             server.balancer = self
+            server.read_timeout = settings.glb.handshake_timeout
             server.start()
             self.servers.append(server)
             log.info("= listening on https://%s", _format_address(server.address))
@@ -316,13 +321,12 @@ def _take_socket(handler):
     cannot be detached; its session runs in the handler greenlet instead.
     """
     sock = handler.socket
-    timeout = sock.gettimeout()
     sock.settimeout(0)
     try:
         leftover = handler.rfile.read1(65536) or b""
     except OSError:
         leftover = b""
-    sock.settimeout(timeout)
+    sock.settimeout(None)  # sessions wait as long as they like; their own limits apply
     handler.close_connection = True
     handler.socket = None
     detached = type(sock).__name__ == "socket" and sock.family in (
@@ -330,7 +334,6 @@ def _take_socket(handler):
     if detached:
         fd = sock.detach()
         sock = stdlib_socket.socket(fileno=fd)
-        sock.settimeout(timeout)
     return sock, leftover, detached
 
 

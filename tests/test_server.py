@@ -246,3 +246,17 @@ def test_shutdown_closes_sessions_with_1001():
         assert stopper.ready()
         with pytest.raises(OSError):
             socket.create_connection(balancer.addresses[0], timeout=1).close()
+
+
+def test_a_client_that_sends_no_request_is_let_go_after_handshake_timeout():
+    with running_glb(glb={"handshake_timeout": "0.3"}) as balancer:
+        with socket.create_connection(balancer.addresses[0], timeout=5) as idle:
+            idle.sendall(b"GET /glb/echo HTTP/1.1\r\nHost: x\r\n")  # and never the rest
+            answer = idle.recv(1024)
+            assert answer.startswith(b"HTTP/1.1 400")  # pywsgi answers a timed-out request so
+            assert idle.recv(1024) == b""  # and the connection is closed
+        ws = ws_connect(base_url(balancer) + "/glb/echo")  # sessions are not bound by it
+        gevent.sleep(0.5)
+        ws.send("late")
+        assert ws.recv() == "late"
+        ws.close()
