@@ -216,15 +216,11 @@ class ControlSession(OwnSession):
     # -- frames -------------------------------------------------------------------------------
 
     def on_message(self, message):
-        bus = self.bus
         if self._left:  # refused already; whatever the peer still sends is not news
             return True
         if isinstance(message, str):
-            if bus.raw_message.receivers:
-                event = bus.fire(bus.raw_message, connection=self.conn, text=message,
-                                 source=self.raw_source)
-                if event.handled:
-                    return True
+            if self.raw_message_handled(message):
+                return True
             return self._on_text(message)
         if self.registration.backend is None:
             self._refuse("binary message before server data")
@@ -234,7 +230,7 @@ class ControlSession(OwnSession):
         except RecordError as exc:
             self.balancer.report_error(self.conn, f"{exc.reason}; dropped")
             return True
-        if bus.binary.receivers and bus.fire(bus.binary, connection=self.conn, data=message).handled:
+        if self.message_handled(message):
             return True
         broadcast.fan_out(self.balancer, message)
         return True
@@ -274,8 +270,7 @@ class ControlSession(OwnSession):
         except RecordError as exc:
             self.balancer.report_error(self.conn, f"{exc.reason}; dropped")
             return True
-        bus = self.bus
-        if bus.message.receivers and bus.fire(bus.message, connection=self.conn, text=text).handled:
+        if self.message_handled(text):
             return True
         broadcast.fan_out(self.balancer, text)
         return True

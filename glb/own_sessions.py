@@ -70,19 +70,24 @@ class OwnSession:
 
     def on_message(self, message):
         """Fire the events for one complete message; returns True if a handler consumed it."""
+        if isinstance(message, str) and self.raw_message_handled(message):
+            return True
+        return self.message_handled(message)
+
+    def raw_message_handled(self, text):
+        """Fire ``raw_message`` (if anyone listens); True if a handler consumed the frame."""
+        bus = self.bus
+        return bool(bus.raw_message.receivers) and bus.fire(
+            bus.raw_message, connection=self.conn, text=text, source=self.raw_source).handled
+
+    def message_handled(self, message):
+        """Fire ``message`` for text or ``binary`` for bytes; True if a handler marked it handled."""
         bus = self.bus
         if isinstance(message, str):
-            if bus.raw_message.receivers:
-                event = bus.fire(bus.raw_message, connection=self.conn, text=message,
-                                 source=self.raw_source)
-                if event.handled:
-                    return True
-            if bus.message.receivers:
-                return bus.fire(bus.message, connection=self.conn, text=message).handled
-            return False
-        if bus.binary.receivers:
-            return bus.fire(bus.binary, connection=self.conn, data=message).handled
-        return False
+            return bool(bus.message.receivers) and bus.fire(
+                bus.message, connection=self.conn, text=message).handled
+        return bool(bus.binary.receivers) and bus.fire(
+            bus.binary, connection=self.conn, data=message).handled
 
 
 class EchoSession(OwnSession):
