@@ -59,3 +59,23 @@ def started(*backends):
     finally:
         for backend in backends:
             backend.stop(timeout=1)
+
+
+def recording_frames(frames):
+    """A serve function that puts every frame it receives on ``frames`` as (opcode, fin, payload)."""
+    def serve(ws, environ):
+        while True:
+            frame = ws.receive_frame()
+            if frame is None:
+                return
+            frames.put((frame.opcode, frame.fin, frame.payload))
+    return serve
+
+
+def recording_close(closes, with_reason=True):
+    """A serve function that reads until the close and puts (code, reason), or the code, on ``closes``."""
+    def serve(ws, environ):
+        while ws.receive() is not None:
+            pass
+        closes.put((ws.close_code, ws.close_reason) if with_reason else ws.close_code)
+    return serve

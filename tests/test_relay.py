@@ -10,7 +10,7 @@ import websocket
 
 from glb.errors import CloseCode
 from glb.frames import OP_BINARY, OP_CONTINUATION, OP_TEXT
-from tests.backends import ScriptedBackend, started
+from tests.backends import ScriptedBackend, recording_close, recording_frames, started
 from tests.support import RawClient, base_url, recv_close, running_glb, ws_connect
 
 
@@ -112,11 +112,7 @@ def test_every_backend_unreachable_gives_502():
 def test_client_close_code_and_reason_reach_the_backend_and_come_back(code, reason):
     closes = gevent.queue.Queue()
 
-    def serve(ws, environ):
-        while ws.receive() is not None:
-            pass
-        closes.put((ws.close_code, ws.close_reason))
-    backend = ScriptedBackend(serve)
+    backend = ScriptedBackend(recording_close(closes))
     with started(backend), pool(backend) as glb:
         disconnects, done = recorder(glb, "client_disconnect")
         ws = ws_connect(base_url(glb) + "/")
@@ -167,11 +163,7 @@ def test_backend_killed_mid_session_gives_client_1014_with_reason():
 def test_client_vanishing_gives_backend_1001():
     closes = gevent.queue.Queue()
 
-    def serve(ws, environ):
-        while ws.receive() is not None:
-            pass
-        closes.put((ws.close_code, ws.close_reason))
-    backend = ScriptedBackend(serve)
+    backend = ScriptedBackend(recording_close(closes))
     with started(backend), pool(backend) as glb:
         disconnects, done = recorder(glb, "client_disconnect")
         ws = ws_connect(base_url(glb) + "/")
@@ -185,11 +177,7 @@ def test_client_vanishing_gives_backend_1001():
 def test_client_protocol_error_is_judged_by_the_backend_as_without_glb():
     closes = gevent.queue.Queue()
 
-    def serve(ws, environ):
-        while ws.receive() is not None:
-            pass
-        closes.put(ws.close_code)
-    backend = ScriptedBackend(serve)
+    backend = ScriptedBackend(recording_close(closes, with_reason=False))
     with started(backend), pool(backend) as glb:
         errors, _ = recorder(glb, "error")
         client = RawClient(glb.addresses[0], path="/")
@@ -223,11 +211,7 @@ def test_message_over_max_size_from_client_gets_1009():
 def test_shutdown_closes_relayed_sessions_with_1001_on_both_legs():
     closes = gevent.queue.Queue()
 
-    def serve(ws, environ):
-        while ws.receive() is not None:
-            pass
-        closes.put(ws.close_code)
-    backend = ScriptedBackend(serve)
+    backend = ScriptedBackend(recording_close(closes, with_reason=False))
     with started(backend):
         with pool(backend) as glb:
             ws = ws_connect(base_url(glb) + "/")
@@ -244,13 +228,7 @@ def test_shutdown_closes_relayed_sessions_with_1001_on_both_legs():
 def test_fragments_pass_through_as_fragments():
     frames = gevent.queue.Queue()
 
-    def serve(ws, environ):
-        while True:
-            frame = ws.receive_frame()
-            if frame is None:
-                return
-            frames.put((frame.opcode, frame.fin, frame.payload))
-    backend = ScriptedBackend(serve)
+    backend = ScriptedBackend(recording_frames(frames))
     with started(backend), pool(backend) as glb:
         client = RawClient(glb.addresses[0], path="/")
         client.send_frame(OP_TEXT, b"ab", fin=False)
@@ -397,13 +375,7 @@ def test_raw_message_fires_for_both_directions_before_client_message():
 def test_client_fragmented_fires_per_fragment_and_can_drop():
     frames = gevent.queue.Queue()
 
-    def serve(ws, environ):
-        while True:
-            frame = ws.receive_frame()
-            if frame is None:
-                return
-            frames.put((frame.opcode, frame.fin, frame.payload))
-    backend = ScriptedBackend(serve)
+    backend = ScriptedBackend(recording_frames(frames))
     with started(backend), pool(backend) as glb:
         seen = []
 
