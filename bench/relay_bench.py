@@ -19,7 +19,7 @@ nginx: master and worker) over the measured window, divided by the round trips.
 Memory per idle relayed session: VmRSS of the proxy's processes before and after
 opening ``--idle-sessions`` sessions (one echo each), in a fresh process.
 
-    python bench/relay_bench.py              # ~100 s
+    python bench/relay_bench.py              # ~75 s
     python bench/relay_bench.py --quick      # ~20 s smoke run
 """
 import argparse
@@ -383,8 +383,8 @@ master_process on;
 worker_processes 1;
 {user}pid {directory}/nginx.pid;
 error_log {directory}/nginx-error.log warn;
-worker_rlimit_nofile {max_connections * 2 + 64};
-events {{ worker_connections {max_connections * 2 + 64}; }}
+worker_rlimit_nofile {max_connections * 4 + 256};
+events {{ worker_connections {max_connections * 4 + 256}; }}
 http {{
     access_log off;
 {temp_paths}    server {{

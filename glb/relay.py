@@ -43,7 +43,7 @@ from glb.errors import CloseCode, ConnectionClosed, HandshakeFailed, MessageTooB
 from glb.frames import (OP_BINARY, OP_CLOSE, OP_CONTINUATION, OP_PING, OP_PONG, OP_TEXT,
                         FrameScanner, encode_close_payload, encode_frame)
 from glb.handshake import Rejection, header_tokens
-from glb.websocket import connect
+from glb.websocket import connect, is_tls, wait_readable
 
 log = logging.getLogger("glb.relay")
 
@@ -265,8 +265,10 @@ class ClientSession:
         masked = src.name == "client"
         scanner = FrameScanner(self.balancer.settings.glb.max_message_size, expect_masked=masked)
         self.scanners[dst.name] = scanner
-        recv = src.sock.recv
+        sock = src.sock
+        recv = sock.recv
         send = dst.ws.send_raw
+        plain = not is_tls(sock)  # TLS may hold decrypted bytes already
         try:
             while True:
                 if scanner.error is not None:  # the far peer judges what glb could not follow
@@ -285,6 +287,8 @@ class ClientSession:
                             src.last_activity = time.monotonic()
                         if not self._forward_notable(src, dst, data, notes):
                             return
+                if plain and len(data) < RECV_SIZE:  # the kernel had no more: wait, then read
+                    wait_readable(sock)
                 data = recv(RECV_SIZE)
                 if not data:
                     break

@@ -30,6 +30,7 @@ import hashlib
 import logging
 import os
 import socket
+import ssl
 from urllib.parse import urlsplit
 
 import gevent
@@ -109,6 +110,8 @@ class WebSocket:
         if initial:
             self._reader.feed(initial)
         self._write_lock = Semaphore()
+        self._plain = not is_tls(sock)  # TLS may hold decrypted bytes or need retries: no fast paths
+        self._drained = False  # the last recv emptied the kernel's buffer: wait before the next
         self._reader_idle = Event()  # cleared while a greenlet is inside receive_frame()
         self._reader_idle.set()
         self._close_sent = False
@@ -213,13 +216,17 @@ class WebSocket:
 
     def _read_frame(self):
         reader = self._reader
+        sock = self._sock
         while True:
             frame = reader.next_frame()
             if frame is not None:
                 return frame
-            data = self._sock.recv(RECV_SIZE)
+            if self._drained:
+                wait_readable(sock)
+            data = sock.recv(RECV_SIZE)
             if not data:
                 raise ConnectionClosed(CloseCode.ABNORMAL, "connection closed without a close frame")
+            self._drained = self._plain and len(data) < RECV_SIZE
             reader.feed(data)
 
     def take_unread(self):
@@ -291,6 +298,22 @@ class WebSocket:
 
     def _write(self, data, closing=False, timeout=None):
         """Write ``data`` whole; a failure or timeout drops the connection and raises ConnectionClosed."""
+        if not closing and self._plain and not self._write_lock.locked():
+            # Fast path: the kernel nearly always takes a frame whole, so no timer and no lock
+            # (gevent never switches inside a send that may not wait).
+            if self._close_sent or self._socket_closed.is_set():
+                raise ConnectionClosed(self._close_code or CloseCode.ABNORMAL, self._close_reason or "")
+            try:
+                sent = self._sock.send(data, 0, 0.0)
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                reason = f"send failed: {exc}"
+                self._lost(reason)
+                raise ConnectionClosed(CloseCode.ABNORMAL, reason) from None
+            if sent == len(data):
+                return
+            data = memoryview(data)[sent:]
         if timeout is None:
             timeout = self.send_timeout
         timer = None if timeout is None else gevent.Timeout.start_new(timeout)
@@ -412,6 +435,20 @@ class WebSocket:
             self._sock.close()
         except OSError:
             pass
+
+
+def is_tls(sock):
+    return isinstance(sock, (ssl.SSLSocket, gevent.ssl.SSLSocket))
+
+
+def wait_readable(sock):
+    """Block this greenlet until ``sock`` has bytes (or EOF), without a failing recv first.
+
+    After a recv that emptied the kernel's buffer, the next recv would fail with
+    EAGAIN before gevent waits; waiting first saves that syscall per message.
+    Uses the socket's own read watcher (gevent internals, checked at import).
+    """
+    sock._wait(sock._read_event)
 
 
 def _control_payload(payload):
