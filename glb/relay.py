@@ -35,6 +35,7 @@ there), and waits for the backend to close its TCP connection (bounded).
 
 import logging
 import time
+from functools import partial
 
 import gevent
 
@@ -214,12 +215,113 @@ class ClientSession:
         return code, reason
 
     def _relay(self):
+        up, down = self._raw_initial(self.client), self._raw_initial(self.server)
+        if up is not None and down is not None and not is_tls(self.client.sock) \
+                and not is_tls(self.server.sock):
+            return self._relay_both_raw(up, down)
+        self._relay_in_two(self._pump_decoded if up is None else partial(self._pump_raw, data=up),
+                           self._pump_decoded if down is None else partial(self._pump_raw, data=down))
+
+    def _relay_both_raw(self, client_initial, backend_initial):
+        """Both directions raw, in this one greenlet: it sleeps until either socket is readable.
+
+        A greenlet blocked in a socket call keeps its stack; one per session instead of
+        two roughly halves an idle session's memory. Persistent io watchers (one per
+        socket) only note which side is readable and wake this greenlet when it waits
+        for them, never while it is inside a send that had to wait.
+        """
+        hub = gevent.get_hub()
+        me = gevent.getcurrent()
+        linger = self.upstream.close_timeout
+        client, server = self.client, self.server
+        directions = {client: [server, self._raw_scanner(client, server)],
+                      server: [client, self._raw_scanner(server, client)]}
+        ready = []
+        waiting = [False]
+        paused = []
+
+        def wake(side):
+            ready.append(side)
+            if waiting[0]:
+                waiting[0] = False
+                me.switch()
+            elif side in watchers:
+                # this greenlet is inside a send that had to wait: a level-triggered watcher
+                # would fire on every loop turn until then, so it rests until the next wait
+                watchers[side].stop()
+                paused.append(side)
+
+        watchers = {}  # filled below, before any can fire
+        watchers.update((leg, hub.loop.io(leg.sock.fileno(), 1)) for leg in directions)
+        for leg, watcher in watchers.items():
+            watcher.start(wake, leg)
+        timer = None
+        try:
+            for src, initial in ((client, client_initial), (server, backend_initial)):
+                if initial and not self._raw_step(src, directions, initial):
+                    self._raw_done(src, directions, watchers)
+            while directions:
+                for side in paused:
+                    if side in directions:
+                        watchers[side].start(wake, side)
+                paused.clear()
+                if not ready:
+                    waiting[0] = True
+                    try:
+                        hub.switch()
+                    finally:
+                        waiting[0] = False
+                while ready:
+                    src = ready.pop(0)
+                    if src == "linger":
+                        for leg in list(directions):
+                            leg.shutdown()  # the closing handshake took too long: end it
+                        timer = hub.loop.timer(1.0)
+                        timer.start(wake, "give up")
+                        continue
+                    if src == "give up":
+                        return
+                    if src not in directions:
+                        continue
+                    try:
+                        data = src.sock.recv(RECV_SIZE)
+                    except OSError:
+                        data = b""
+                    if not data or not self._raw_step(src, directions, data):
+                        if not data:
+                            self._eof(src)
+                        self._raw_done(src, directions, watchers)
+                        if directions and timer is None:
+                            timer = hub.loop.timer(linger)
+                            timer.start(wake, "linger")
+        finally:
+            for watcher in watchers.values():
+                watcher.stop()
+                watcher.close()
+            if timer is not None:
+                timer.stop()
+                timer.close()
+
+    def _raw_step(self, src, directions, data):
+        dst, scanner = directions[src]
+        try:
+            return self._forward_chunk(src, dst, scanner, data)
+        except ConnectionClosed:
+            self._lost(dst)  # the other leg is gone or did not read in time
+            return False
+
+    @staticmethod
+    def _raw_done(src, directions, watchers):
+        directions.pop(src, None)
+        watchers[src].stop()
+
+    def _relay_in_two(self, up, down):
         """Client-to-backend pump here, backend-to-client in a greenlet; each bounded once the other ends."""
         linger = self.upstream.close_timeout
         self.up_running = True
-        down = gevent.spawn(self._guarded, self._pump_for(self.server, self.client), self.server, self.client)
+        down = gevent.spawn(self._guarded, down, self.server, self.client)
         try:
-            self._guarded(self._pump_for(self.client, self.server), self.client, self.server)
+            self._guarded(up, self.client, self.server)
         finally:
             self.up_running = False
         down.join(timeout=linger)
@@ -245,48 +347,36 @@ class ClientSession:
         if self.up_running:
             self.client.shutdown()
 
-    def _pump_for(self, src, dst):
-        """The pump for one direction: raw unless a handler needs the payload."""
+    def _raw_initial(self, src):
+        """Bytes already read from ``src`` if its direction can run raw; None if it must be decoded."""
         bus = self.bus
         if src.name == "client":
             decoded = bool(bus.raw_message.receivers or bus.client_message.receivers
                            or bus.client_binary.receivers or bus.client_fragmented.receivers)
         else:
             decoded = bool(bus.raw_message.receivers)
-        if not decoded:
-            try:
-                initial = src.ws.take_unread()
-            except ValueError:  # a frame already half-parsed: this direction stays decoded
-                return self._pump_decoded
-            return lambda s, d: self._pump_raw(s, d, initial)
-        return self._pump_decoded
+        if decoded:
+            return None
+        try:
+            return src.ws.take_unread()
+        except ValueError:  # a frame already half-parsed: this direction stays decoded
+            return None
+
+    def _raw_scanner(self, src, dst):
+        scanner = FrameScanner(self.balancer.settings.glb.max_message_size,
+                               expect_masked=src.name == "client")
+        self.scanners[dst.name] = scanner
+        return scanner
 
     def _pump_raw(self, src, dst, data):
-        masked = src.name == "client"
-        scanner = FrameScanner(self.balancer.settings.glb.max_message_size, expect_masked=masked)
-        self.scanners[dst.name] = scanner
+        scanner = self._raw_scanner(src, dst)
         sock = src.sock
         recv = sock.recv
-        send = dst.ws.send_raw
         plain = not is_tls(sock)  # TLS may hold decrypted bytes already
         try:
             while True:
-                if scanner.error is not None:  # the far peer judges what glb could not follow
-                    if data:
-                        src.last_activity = time.monotonic()
-                        send(data)
-                elif data and src.close_in is None:  # after its close frame, a peer's bytes are ignored
-                    notes = scanner.feed(data)
-                    if notes is None:
-                        src.last_activity = time.monotonic()
-                        send(data)
-                    else:
-                        if _only_pongs(notes, len(data), 6 if masked else 2):
-                            src.last_pong = time.monotonic()  # liveness, not activity
-                        else:
-                            src.last_activity = time.monotonic()
-                        if not self._forward_notable(src, dst, data, notes):
-                            return
+                if not self._forward_chunk(src, dst, scanner, data):
+                    return
                 if plain and len(data) < RECV_SIZE:  # the kernel had no more: wait, then read
                     wait_readable(sock)
                 data = recv(RECV_SIZE)
@@ -298,6 +388,25 @@ class ClientSession:
         except OSError:
             pass
         self._eof(src)
+
+    def _forward_chunk(self, src, dst, scanner, data):
+        """Forward one received chunk as it is, following its frames; False ends the direction."""
+        if scanner.error is not None:  # the far peer judges what glb could not follow
+            if data:
+                src.last_activity = time.monotonic()
+                dst.ws.send_raw(data)
+        elif data and src.close_in is None:  # after its close frame, a peer's bytes are ignored
+            notes = scanner.feed(data)
+            if notes is None:
+                src.last_activity = time.monotonic()
+                dst.ws.send_raw(data)
+                return True
+            if _only_pongs(notes, len(data), 6 if src.name == "client" else 2):
+                src.last_pong = time.monotonic()  # liveness, not activity
+            else:
+                src.last_activity = time.monotonic()
+            return self._forward_notable(src, dst, data, notes)
+        return True
 
     def _forward_notable(self, src, dst, data, notes):
         """Forward a chunk holding close/ping/pong frames or a violation; False ends the pump."""
