@@ -39,6 +39,19 @@ def wait_for_port(port, deadline, proc):
     raise RuntimeError(f"nothing listening on 127.0.0.1:{port} in time")
 
 
+def http_get(port, path, host, timeout):
+    """The raw response, head and body, to ``GET path`` on 127.0.0.1:``port`` (``Connection: close``, read to EOF)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+        data = b""
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    return data
+
+
 # --------------------------------------------------------------------------- /proc
 
 

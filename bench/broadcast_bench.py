@@ -29,15 +29,14 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 from urllib.parse import parse_qs
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from _common import REPO, cpu_delta, cpu_times, free_port, glb_env, http_get, stop, temp_dir
+
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAYLOAD_SIZE = 64
 FRAME_SIZE = 2 + PAYLOAD_SIZE  # an unmasked text frame with a payload under 126 bytes
 
@@ -141,32 +140,12 @@ def serve_backend(lb_url, clients):
 # --------------------------------------------------------------------------- helpers
 
 
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def http_json(port, path, timeout=20):
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n".encode())
-        data = b""
-        while True:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
+    data = http_get(port, path, "bench", timeout)
     head, _, body = data.partition(b"\r\n\r\n")
     if not head.startswith(b"HTTP/1.1 200"):
         raise RuntimeError(f"{path}: {head[:100]!r}")
     return json.loads(body)
-
-
-def cpu_times(pid):
-    """(utime, stime) of a process in seconds: fields 14 and 15 of /proc/PID/stat."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
 
 
 def wait_for(condition, deadline, what):
@@ -174,17 +153,6 @@ def wait_for(condition, deadline, what):
         if time.monotonic() > deadline:
             raise RuntimeError(f"timed out waiting for {what}")
         time.sleep(0.05)
-
-
-def stop(proc):
-    if proc is None or proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=5)
 
 
 def offered_ports(glb_port, count):
@@ -243,7 +211,7 @@ def run_fanout(k, args, glb, glb_port, env, deadline):
         elapsed = (max(finished) if all(finished) else time.monotonic()) - started
         sent = current[0]["sent"] - start_stats[0]["sent"]
         reconnects = sum(s["registrations"] - 1 for s in current)
-        user, system = cpu_after[0] - cpu_before[0], cpu_after[1] - cpu_before[1]
+        user, system = cpu_delta(cpu_before, cpu_after)
         envelopes = delivered / args.clients  # envelopes glb delivered to backends (each reaches 100 clients)
         print(f"K={k} backends x {args.clients} clients, {sent} broadcasts of {PAYLOAD_SIZE} B "
               f"(window {args.window}) in {elapsed:.2f} s")
@@ -282,7 +250,7 @@ def main(argv=None):
     signal.signal(signal.SIGALRM, lambda *_: sys.exit("bench: deadline passed"))
     signal.alarm(int(args.deadline) + 1)
     glb = None
-    tmp = tempfile.mkdtemp(prefix="glb-bench-")
+    tmp = temp_dir("glb-bench-")
     ok = True
     try:
         glb_port = free_port()
@@ -296,7 +264,7 @@ def main(argv=None):
                 [handlers]
                 modules =
                 """))
-        env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        env = glb_env()
         glb = subprocess.Popen([sys.executable, "-m", "glb", config], cwd=tmp, env=env)
         wait_for(lambda: _listening(glb_port), deadline, "glb")
         print(f"cpus={os.cpu_count()} payload={PAYLOAD_SIZE}B clients/backend={args.clients} "

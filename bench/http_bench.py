@@ -26,12 +26,9 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
-import textwrap
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CLK_TCK = os.sysconf("SC_CLK_TCK")
+from _common import cpu_delta, cpu_times, http_get, start_glb, stop, temp_dir
 
 
 # --------------------------------------------------------------------------- backend (child)
@@ -80,35 +77,6 @@ def serve_backend(size):
 # --------------------------------------------------------------------------- helpers
 
 
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for_port(port, deadline, proc):
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listening on 127.0.0.1:{port} in time")
-
-
-def cpu_times(pid):
-    """(utime, stime) of a process in seconds: fields 14 and 15 of /proc/PID/stat."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
-
-
-def cpu_delta(before, after):
-    return after[0] - before[0], after[1] - before[1]
-
-
 def per_request(times, count):
     """"U us/request (user A + system B)" for (user, system) seconds over ``count`` requests."""
     count = max(count, 1)
@@ -118,26 +86,8 @@ def per_request(times, count):
 
 
 def backend_stats(stats_port):
-    with socket.create_connection(("127.0.0.1", stats_port), timeout=5) as sock:
-        sock.sendall(b"GET / HTTP/1.1\r\nHost: stats\r\nConnection: close\r\n\r\n")
-        data = b""
-        while True:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
+    data = http_get(stats_port, "/", "stats", timeout=5)
     return json.loads(data.split(b"\r\n\r\n", 1)[1])
-
-
-def stop(proc):
-    if proc is None or proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=5)
 
 
 # --------------------------------------------------------------------------- load clients
@@ -233,27 +183,12 @@ def main(argv=None):
     signal.alarm(int(args.deadline) + 1)
 
     backend = glb = None
-    tmp = tempfile.mkdtemp(prefix="glb-bench-")
+    tmp = temp_dir("glb-bench-")
     try:
         backend = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve-backend",
                                     "--size", str(args.size)], stdout=subprocess.PIPE, text=True)
         port, stats_port = map(int, backend.stdout.readline().split())
-        glb_port = free_port()
-        config = os.path.join(tmp, "lb.ini")
-        with open(config, "w") as f:
-            f.write(textwrap.dedent(f"""\
-                [glb]
-                listen = 127.0.0.1:{glb_port}
-                log_level = warning
-                [handlers]
-                modules =
-                [backend:bench]
-                url = ws://127.0.0.1:{port}
-                http = http://127.0.0.1:{port}
-                """))
-        env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        glb = subprocess.Popen([sys.executable, "-m", "glb", config], cwd=tmp, env=env)
-        wait_for_port(glb_port, deadline, glb)
+        glb, glb_port = start_glb(sys.executable, tmp, port, deadline)
 
         print(f"client={client_name} concurrency={args.concurrency} size={args.size}B "
               f"seconds={args.seconds:g} cpus={os.cpu_count()}")
