@@ -38,6 +38,7 @@ import time
 from functools import partial
 
 import gevent
+from greenlet import getcurrent, greenlet
 
 from glb.connection import CLIENT
 from glb.errors import CloseCode, ConnectionClosed, HandshakeFailed, MessageTooBig, Status
@@ -47,6 +48,8 @@ from glb.handshake import Rejection, header_tokens
 from glb.websocket import connect, is_tls, wait_readable
 
 log = logging.getLogger("glb.relay")
+
+DETACHED = "detached"  # run() returned with the session still relaying, on io watchers
 
 RECV_SIZE = 65536
 
@@ -195,19 +198,28 @@ class ClientSession:
         client_ws.send_timeout = self.balancer.settings.glb.send_timeout
         self.client = Leg("client", client_ws, mask=False)
         bus = self.bus
-        sessions = self.balancer.client_sessions
-        sessions.add(self)
+        self.balancer.client_sessions.add(self)
+        detached = False
         try:
             bus.fire(bus.client_connect, connection=self.conn, session=self, backend=self.backend)
             if self.outcome is None:  # a client_connect handler may have closed the session
-                self._relay()
+                detached = self._relay() is DETACHED
         finally:
-            sessions.discard(self)
-            self._close_sockets()
-            self.balancer.registry.session_ended(self.backend)
-            code, reason, closed_by = self.outcome or (CloseCode.ABNORMAL, "session ended", "glb")
-            bus.fire(bus.client_disconnect, connection=self.conn, session=self, backend=self.backend,
-                     code=code, reason=reason, closed_by=closed_by)
+            if not detached:
+                self._finish()
+        return DETACHED if detached else None
+
+    def _finish(self):
+        """The session is over: free the backend's slot and fire ``client_disconnect`` (once)."""
+        if self._ended:
+            return
+        self._ended = True
+        self.balancer.client_sessions.discard(self)
+        self._close_sockets()
+        self.balancer.registry.session_ended(self.backend)
+        code, reason, closed_by = self.outcome or (CloseCode.ABNORMAL, "session ended", "glb")
+        self.bus.fire(self.bus.client_disconnect, connection=self.conn, session=self, backend=self.backend,
+                      code=code, reason=reason, closed_by=closed_by)
 
     @property
     def close_status(self):
@@ -223,84 +235,124 @@ class ClientSession:
                            self._pump_decoded if down is None else partial(self._pump_raw, data=down))
 
     def _relay_both_raw(self, client_initial, backend_initial):
-        """Both directions raw, in this one greenlet: it sleeps until either socket is readable.
+        """Both directions raw, with no greenlet parked while the session is idle.
 
-        A greenlet blocked in a socket call keeps its stack; one per session instead of
-        two roughly halves an idle session's memory. Persistent io watchers (one per
-        socket) only note which side is readable and wake this greenlet when it waits
-        for them, never while it is inside a send that had to wait.
+        A parked greenlet costs several KiB per session; instead, one persistent io
+        watcher per socket calls ``_on_event``, which runs ``_step`` in a fresh
+        greenlet (it may block in a send, or fire events) that ends when the work is
+        done. While a step runs, further events only wait their turn. Returns
+        DETACHED: the last step finishes the session.
         """
         hub = gevent.get_hub()
-        me = gevent.getcurrent()
-        linger = self.upstream.close_timeout
         client, server = self.client, self.server
-        directions = {client: [server, self._raw_scanner(client, server)],
-                      server: [client, self._raw_scanner(server, client)]}
-        ready = []
-        waiting = [False]
-        paused = []
+        self._directions = {client: [server, self._raw_scanner(client, server)],
+                            server: [client, self._raw_scanner(server, client)]}
+        for src, initial in ((client, client_initial), (server, backend_initial)):
+            if initial and not self._raw_step(src, self._directions, initial):
+                self._direction_done(src)
+        if len(self._directions) < 2:
+            return self._relay_rest_in_greenlet()
+        self._busy = False
+        self._waiting = []
+        self._timer = None
+        self._watchers = {}
+        for leg in self._directions:
+            watcher = self._watchers[leg] = hub.loop.io(leg.sock.fileno(), 1)
+            watcher.start(self._on_event, leg)
+        return DETACHED
 
-        def wake(side):
-            ready.append(side)
-            if waiting[0]:
-                waiting[0] = False
-                me.switch()
-            elif side in watchers:
-                # this greenlet is inside a send that had to wait: a level-triggered watcher
-                # would fire on every loop turn until then, so it rests until the next wait
-                watchers[side].stop()
-                paused.append(side)
+    def _relay_rest_in_greenlet(self):
+        """Rare: a direction ended on the bytes read with the handshake; finish in this greenlet."""
+        linger = self.upstream.close_timeout
+        for src in list(self._directions):
+            dst, scanner = self._directions[src]
+            with gevent.Timeout(linger, False):
+                self._pump_raw(src, dst, b"")
+        return None
 
-        watchers = {}  # filled below, before any can fire
-        watchers.update((leg, hub.loop.io(leg.sock.fileno(), 1)) for leg in directions)
-        for leg, watcher in watchers.items():
-            watcher.start(wake, leg)
-        timer = None
+    def _on_event(self, event):
+        """io watcher or timer callback, in the hub: hand the work to a short-lived greenlet."""
+        if self._busy:
+            watcher = self._watchers.get(event)
+            if watcher is not None:
+                watcher.stop()  # level-triggered: it would fire on every loop turn until then
+            self._waiting.append(event)
+            return
+        self._busy = True
+        run_on_worker(self._step, event)
+
+    def _step(self, event):
         try:
-            for src, initial in ((client, client_initial), (server, backend_initial)):
-                if initial and not self._raw_step(src, directions, initial):
-                    self._raw_done(src, directions, watchers)
-            while directions:
-                for side in paused:
-                    if side in directions:
-                        watchers[side].start(wake, side)
-                paused.clear()
-                if not ready:
-                    waiting[0] = True
-                    try:
-                        hub.switch()
-                    finally:
-                        waiting[0] = False
-                while ready:
-                    src = ready.pop(0)
-                    if src == "linger":
-                        for leg in list(directions):
-                            leg.shutdown()  # the closing handshake took too long: end it
-                        timer = hub.loop.timer(1.0)
-                        timer.start(wake, "give up")
-                        continue
-                    if src == "give up":
-                        return
-                    if src not in directions:
-                        continue
-                    try:
-                        data = src.sock.recv(RECV_SIZE)
-                    except OSError:
-                        data = b""
-                    if not data or not self._raw_step(src, directions, data):
-                        if not data:
-                            self._eof(src)
-                        self._raw_done(src, directions, watchers)
-                        if directions and timer is None:
-                            timer = hub.loop.timer(linger)
-                            timer.start(wake, "linger")
+            self._handle(event)
+            while self._waiting and self._directions:
+                self._handle(self._waiting.pop(0))
+        except Exception as exc:  # a bug here must end this session only
+            log.exception("! %s relay failed", self.conn.id)
+            self.bus.fire(self.bus.exception, connection=self.conn, exception=exc)
+            self.close(CloseCode.INTERNAL_ERROR, "internal error")
+            for leg in (self.client, self.server):
+                leg.shutdown()
         finally:
-            for watcher in watchers.values():
-                watcher.stop()
-                watcher.close()
-            if timer is not None:
-                timer.stop()
-                timer.close()
+            self._busy = False
+            self._waiting.clear()
+            if self._directions:
+                for leg, watcher in self._watchers.items():
+                    if leg in self._directions and not watcher.active:
+                        watcher.start(self._on_event, leg)
+            else:
+                self._detached_end()
+
+    def _handle(self, event):
+        if event == "linger":  # the closing handshake took too long: end it
+            for leg in self._directions:
+                leg.shutdown()
+            self._start_timer(1.0, "give up")
+            return
+        if event == "give up":
+            self._directions.clear()
+            return
+        if event not in self._directions:
+            return
+        try:
+            data = event.sock.recv(RECV_SIZE)
+        except OSError:
+            data = b""
+        if not data:
+            self._eof(event)
+            self._direction_done(event)
+        elif not self._raw_step(event, self._directions, data):
+            self._direction_done(event)
+
+    def _direction_done(self, src):
+        self._directions.pop(src, None)
+        watcher = getattr(self, "_watchers", {}).get(src)
+        if watcher is not None:
+            watcher.stop()
+        if self._directions and getattr(self, "_timer", 0) is None:
+            self._start_timer(self.upstream.close_timeout, "linger")
+
+    def _start_timer(self, seconds, event):
+        if self._timer is not None:
+            self._timer.stop()
+            self._timer.close()
+        self._timer = gevent.get_hub().loop.timer(seconds)
+        self._timer.start(self._on_event, event)
+
+    def _detached_end(self):
+        for watcher in self._watchers.values():
+            watcher.stop()
+            watcher.close()
+        if self._timer is not None:
+            self._timer.stop()
+            self._timer.close()
+        self._finish()
+        self.balancer.end_session(self.conn, self)
+
+    def end_now(self):
+        """Shutdown could not wait: end both legs; the relay then finishes by itself."""
+        for leg in (self.client, self.server):
+            if leg is not None:
+                leg.shutdown()
 
     def _raw_step(self, src, directions, data):
         dst, scanner = directions[src]
@@ -309,11 +361,6 @@ class ClientSession:
         except ConnectionClosed:
             self._lost(dst)  # the other leg is gone or did not read in time
             return False
-
-    @staticmethod
-    def _raw_done(src, directions, watchers):
-        directions.pop(src, None)
-        watchers[src].stop()
 
     def _relay_in_two(self, up, down):
         """Client-to-backend pump here, backend-to-client in a greenlet; each bounded once the other ends."""
@@ -671,6 +718,33 @@ def _only_pongs(notes, size, header_size):
             return False
         position = note.end
     return position == size
+
+
+# Greenlets that run relay steps, shared by every session. A new greenlet per step
+# would cost a fresh Python data stack (an mmap and munmap) each time; a parked
+# worker is only switched into. At most IDLE_WORKERS wait; more are made on demand
+# (while steps block in sends) and end when not needed.
+IDLE_WORKERS = 64
+_idle_workers = []
+
+
+def run_on_worker(func, arg):
+    """Run ``func(arg)`` in a worker greenlet now; called from the hub (a watcher callback)."""
+    worker = _idle_workers.pop() if _idle_workers else greenlet(_worker_loop, gevent.get_hub())
+    worker.switch(func, arg)
+
+
+def _worker_loop(func, arg):
+    hub = gevent.get_hub()
+    while True:
+        try:
+            func(arg)
+        except Exception:  # steps contain their own errors; this is the last guard for the hub
+            log.exception("! relay step failed")
+        if len(_idle_workers) >= IDLE_WORKERS:
+            return
+        _idle_workers.append(getcurrent())
+        func, arg = hub.switch()
 
 
 class _Broken:

@@ -26,7 +26,7 @@ from glb.errors import CloseCode, Status
 from glb.events import EventBus
 from glb.handlers import load_handlers
 from glb.own_sessions import EchoSession
-from glb.relay import ClientSession
+from glb.relay import DETACHED, ClientSession
 from glb.registry import Registry
 from glb.websocket import WebSocket
 
@@ -155,10 +155,19 @@ class Balancer:
             server.close()
         for conn in list(self.connections.values()):
             gevent.spawn(_close_quietly, conn, CloseCode.GOING_AWAY, "going away")
-        if not self.sessions.join(timeout=timeout):
+        deadline = time.monotonic() + timeout
+        joined = self.sessions.join(timeout=timeout)
+        while self.client_sessions and time.monotonic() < deadline:
+            gevent.sleep(0.05)  # detached client sessions end on their own io watchers
+        if not joined or self.client_sessions:
             log.warning("= %d sessions still open after %.1fs; ending them",
-                        len(self.sessions), timeout)
+                        len(self.sessions) + len(self.client_sessions), timeout)
+            for session in list(self.client_sessions):
+                session.end_now()
             self.sessions.kill(block=True, timeout=1)
+            end = time.monotonic() + 1
+            while self.client_sessions and time.monotonic() < end:
+                gevent.sleep(0.05)
         for server in self.servers:
             server.stop(timeout=0)
 
@@ -232,22 +241,28 @@ class Balancer:
         ws = conn.websocket
         conn.session = session
         self.connections[conn.id] = conn
+        detached = False
         try:
             self.bus.fire(self.bus.connect, connection=conn)
             if self.stopping:
                 ws.close(CloseCode.GOING_AWAY, "going away")
             else:
-                session.run()
+                detached = session.run() == DETACHED
         except Exception as exc:
             log.exception("! %s session failed", conn.id)
             self.bus.fire(self.bus.exception, connection=conn, exception=exc)
             _close_quietly(conn, CloseCode.INTERNAL_ERROR, "internal error")
         finally:
-            if not ws.closed:
-                _close_quietly(conn, CloseCode.INTERNAL_ERROR, "session ended")
-            self.connections.pop(conn.id, None)
-            code, reason = session.close_status
-            self.bus.fire(self.bus.disconnect, connection=conn, code=code, reason=reason)
+            if not detached:  # a detached session calls end_session when it ends
+                self.end_session(conn, session)
+
+    def end_session(self, conn, session):
+        """Everything that happens once when a session is over, whichever greenlet ends it."""
+        if not conn.websocket.closed:
+            _close_quietly(conn, CloseCode.INTERNAL_ERROR, "session ended")
+        self.connections.pop(conn.id, None)
+        code, reason = session.close_status
+        self.bus.fire(self.bus.disconnect, connection=conn, code=code, reason=reason)
 
     # -- glb's own messages (glb.broadcast) --------------------------------
 
