@@ -4,9 +4,8 @@ Pairing happens before the client's 101: glb opens the backend WebSocket
 first (same path and query, end-to-end headers, X-Forwarded-*), so the client
 sees what the backend decided: its subprotocol, its refusal status, or 502/503.
 
-Each direction is a *pump* reading one leg and writing the other, one in the
-session greenlet and one in a greenlet of its own. A pump runs in one of two
-modes, chosen per direction when the session starts:
+Each direction reads one leg and writes the other, in one of two modes chosen
+per direction when the session starts:
 
     raw      no handler needs the payload: received chunks are forwarded as they
              are (client frames stay masked, backend frames unmasked); a
@@ -15,6 +14,13 @@ modes, chosen per direction when the session starts:
     decoded  a handler listens to raw_message / client_message / client_binary /
              client_fragmented: frames are read, events fired, and what is left
              is re-encoded for the other leg.
+
+Where it runs: a plain session with both directions raw parks no greenlet while
+idle. One persistent io watcher per socket wakes a short step (receive, scan,
+forward) run on a shared worker greenlet; a step that must wait (a full send
+buffer, a close) simply blocks its worker while further events for the session
+queue behind it. Otherwise (TLS legs, a decoded direction) each direction is a
+*pump*: one in the session greenlet, one in a greenlet of its own.
 
 How a session ends (first cause wins; ``client_disconnect`` carries it)::
 
