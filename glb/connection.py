@@ -3,16 +3,61 @@
 import itertools
 import time
 
-from requests.structures import CaseInsensitiveDict
 
 CLIENT, CONTROL, OWN = "client", "control", "own"
 
 _ids = itertools.count(1)
 
 
+class Headers(dict):
+    """Request headers, looked up case-insensitively; names kept in WSGI's title case.
+
+    A plain dict underneath (it lives as long as each session does, so it is kept small).
+    """
+
+    __slots__ = ()
+
+    def __init__(self, items=()):
+        super().__init__()
+        self.update(items)
+
+    def __getitem__(self, name):
+        return super().__getitem__(name.title())
+
+    def __setitem__(self, name, value):
+        super().__setitem__(name.title(), value)
+
+    def __delitem__(self, name):
+        super().__delitem__(name.title())
+
+    def __contains__(self, name):
+        return isinstance(name, str) and super().__contains__(name.title())
+
+    def get(self, name, default=None):
+        return super().get(name.title(), default)
+
+    def pop(self, name, *default):
+        return super().pop(name.title(), *default)
+
+    def setdefault(self, name, default=None):
+        return super().setdefault(name.title(), default)
+
+    def update(self, items=(), **more):
+        for name, value in (items.items() if hasattr(items, "items") else items):
+            self[name] = value
+        for name, value in more.items():
+            self[name] = value
+
+    def copy(self):
+        return Headers(self)
+
+    def __repr__(self):
+        return f"Headers({dict.__repr__(self)})"
+
+
 def headers_from_environ(environ):
-    """The request headers of a WSGI environ, case-insensitive, as the client spelled them."""
-    headers = CaseInsensitiveDict()
+    """The request headers of a WSGI environ, looked up case-insensitively."""
+    headers = Headers()
     for key, value in environ.items():
         if key.startswith("HTTP_"):
             headers[key[5:].replace("_", "-").title()] = value
@@ -38,7 +83,7 @@ class Connection:
         self.peer = peer
         self.path = path
         self.query = query
-        self.headers = headers if headers is not None else CaseInsensitiveDict()
+        self.headers = headers if headers is not None else Headers()
         self.kind = kind
         self.started = time.monotonic()
         self.websocket = None

@@ -112,11 +112,11 @@ class WebSocket:
         self._write_lock = Semaphore()
         self._plain = not is_tls(sock)  # TLS may hold decrypted bytes or need retries: no fast paths
         self._drained = False  # the last recv emptied the kernel's buffer: wait before the next
-        self._reader_idle = Event()  # cleared while a greenlet is inside receive_frame()
-        self._reader_idle.set()
+        self._reading = False  # a greenlet is inside receive_frame()
+        self._changed = None  # an Event only while close() waits for that reader (few exist at once)
         self._close_sent = False
         self._close_received = False
-        self._socket_closed = Event()
+        self._sock_closed = False
         self._closed_by = None
         self._close_code = None
         self._close_reason = None
@@ -185,15 +185,16 @@ class WebSocket:
         Data frames come unmasked and validated, text fragments with
         ``Frame.text`` decoded so far.
         """
-        if self._close_received or self._socket_closed.is_set():
+        if self._close_received or self._sock_closed:
             return None
-        if not self._reader_idle.is_set():
+        if self._reading:
             raise RuntimeError("another greenlet is already receiving on this WebSocket")
-        self._reader_idle.clear()
+        self._reading = True
         try:
             return self._receive_frame()
         finally:
-            self._reader_idle.set()
+            self._reading = False
+            self._notify()
 
     def _receive_frame(self):
         try:
@@ -272,7 +273,7 @@ class WebSocket:
         if close is None:
             self._write(data)
             return
-        if self._close_sent or self._socket_closed.is_set():
+        if self._close_sent or self._sock_closed:
             raise ConnectionClosed(self._close_code, self._close_reason or "")
         self._set_closed("local", *close)
         self._write(data, closing=True)
@@ -283,7 +284,7 @@ class WebSocket:
         A relay forwarding raw chunks may leave the stream mid-frame; glb's
         own frames (keep-alive pings) may only go in between two frames.
         """
-        if self._close_sent or self._socket_closed.is_set() or self._write_lock.locked():
+        if self._close_sent or self._sock_closed or self._write_lock.locked():
             return False
         if not at_boundary():
             return False
@@ -301,7 +302,7 @@ class WebSocket:
         if not closing and self._plain and not self._write_lock.locked():
             # Fast path: the kernel nearly always takes a frame whole, so no timer and no lock
             # (gevent never switches inside a send that may not wait).
-            if self._close_sent or self._socket_closed.is_set():
+            if self._close_sent or self._sock_closed:
                 raise ConnectionClosed(self._close_code or CloseCode.ABNORMAL, self._close_reason or "")
             try:
                 sent = self._sock.send(data, 0, 0.0)
@@ -319,7 +320,7 @@ class WebSocket:
         timer = None if timeout is None else gevent.Timeout.start_new(timeout)
         try:
             with self._write_lock:
-                if self._close_sent or self._socket_closed.is_set():
+                if self._close_sent or self._sock_closed:
                     raise ConnectionClosed(self._close_code or CloseCode.ABNORMAL, self._close_reason or "")
                 if closing:
                     self._close_sent = True
@@ -356,7 +357,7 @@ class WebSocket:
         whenever none is, this call reads, discarding data. The socket is
         closed when this returns.
         """
-        if self._close_sent or self._socket_closed.is_set():
+        if self._close_sent or self._sock_closed:
             return
         payload = encode_close_payload(code, reason)
         if isinstance(reason, (bytes, bytearray)):
@@ -368,12 +369,16 @@ class WebSocket:
         except ConnectionClosed:
             return
         with gevent.Timeout(wait, False):
-            while not self._close_received and not self._socket_closed.is_set():
-                if self._reader_idle.is_set():
+            while not self._close_received and not self._sock_closed:
+                if not self._reading:
                     self.receive_frame()
                 else:
                     # Never a second reader: wake when the other one returns or the socket closes.
-                    gevent.wait([self._reader_idle, self._socket_closed], count=1)
+                    self._changed = changed = Event()
+                    try:
+                        changed.wait()
+                    finally:
+                        self._changed = None
         self._close_socket()
 
     def abort(self):
@@ -410,7 +415,7 @@ class WebSocket:
 
     def _drain_then_close(self, shutdown):
         """Read and discard until the peer's EOF (at most ``close_timeout`` seconds), then close."""
-        if self._socket_closed.is_set():
+        if self._sock_closed:
             return
         try:
             with gevent.Timeout(self.close_timeout, False):
@@ -427,10 +432,15 @@ class WebSocket:
         if self._closed_by is None:
             self._closed_by, self._close_code, self._close_reason = by, code, reason
 
+    def _notify(self):
+        if self._changed is not None:
+            self._changed.set()
+
     def _close_socket(self):
-        if self._socket_closed.is_set():
+        if self._sock_closed:
             return
-        self._socket_closed.set()
+        self._sock_closed = True
+        self._notify()
         try:
             self._sock.close()
         except OSError:
