@@ -139,6 +139,11 @@ class ClientSession:
 
     kind = CLIENT
 
+    # thousands live at once: no per-instance __dict__
+    __slots__ = ("balancer", "bus", "conn", "backend", "response_headers", "upstream", "client",
+                 "server", "outcome", "scanners", "_ended", "up_running", "_directions", "_busy",
+                 "_waiting", "_timer", "_watchers")
+
     def __init__(self, balancer, conn, backend, upstream, response_headers):
         self.balancer = balancer
         self.bus = balancer.bus
@@ -151,6 +156,12 @@ class ClientSession:
         self.outcome = None  # (code, reason, closed_by)
         self.scanners = {}  # leg name -> FrameScanner of the raw pump *writing* that leg
         self._ended = False
+        self.up_running = False
+        self._directions = {}  # raw relay: source leg -> [destination leg, scanner]
+        self._busy = False  # a step is running on a worker
+        self._waiting = None  # events that came while it ran
+        self._timer = None
+        self._watchers = {}  # leg -> its io watcher
 
     # -- pairing -----------------------------------------------------------
 
@@ -331,10 +342,10 @@ class ClientSession:
 
     def _direction_done(self, src):
         self._directions.pop(src, None)
-        watcher = getattr(self, "_watchers", {}).get(src)
+        watcher = self._watchers.get(src)
         if watcher is not None:
             watcher.stop()
-        if self._directions and getattr(self, "_timer", 0) is None:
+        if self._directions and self._watchers and self._timer is None:
             self._start_timer(self.upstream.close_timeout, "linger")
 
     def _start_timer(self, seconds, event):

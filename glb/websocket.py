@@ -96,6 +96,12 @@ class WebSocket:
     greenlets at once can still interleave; that is the caller's to avoid.
     """
 
+    # one per connection leg, thousands at once: no per-instance __dict__
+    __slots__ = ("_sock", "server_side", "connection", "auto_pong", "send_timeout", "close_timeout",
+                 "_mask", "_reader", "_write_lock", "_plain", "_drained", "_reading", "_changed",
+                 "_close_sent", "_close_received", "_sock_closed", "_closed_by", "_close_code",
+                 "_close_reason")
+
     def __init__(self, sock, *, server_side, max_message_size=DEFAULT_MAX_MESSAGE_SIZE,
                  initial=b"", connection=None, auto_pong=True, send_timeout=None,
                  close_timeout=2.0):
