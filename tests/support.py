@@ -70,6 +70,28 @@ def upgrade_request(path="/glb/echo", host="127.0.0.1", version="13",
             f"Sec-WebSocket-Version: {version}\r\n{extra}\r\n").encode("latin-1")
 
 
+def slow_mask(data, key):
+    """The obvious masking, byte by byte: a reference independent of glb's apply_mask."""
+    return bytes(b ^ key[i % 4] for i, b in enumerate(data))
+
+
+def hand_frame(opcode, payload=b"", fin=True, rsv=0, key=None, length=None):
+    """A frame built by hand, independently of glb's encoder; masked with ``key`` when given.
+
+    ``length`` may claim another payload length than ``payload`` has.
+    """
+    length = len(payload) if length is None else length
+    first = (0x80 if fin else 0) | (rsv << 4) | opcode
+    mask_bit = 0x80 if key else 0
+    if length < 126:
+        header = struct.pack("!BB", first, mask_bit | length)
+    elif length < 65536:
+        header = struct.pack("!BBH", first, mask_bit | 126, length)
+    else:
+        header = struct.pack("!BBQ", first, mask_bit | 127, length)
+    return header + key + slow_mask(payload, key) if key else header + payload
+
+
 class RawClient:
     """A WebSocket client on a raw socket, for sending what a good client never would."""
 
@@ -86,19 +108,7 @@ class RawClient:
         self.buffer = b""
 
     def send_frame(self, opcode, payload, fin=True, mask=True, rsv=0):
-        first = (0x80 if fin else 0) | (rsv << 4) | opcode
-        length = len(payload)
-        if length < 126:
-            header = struct.pack("!BB", first, (0x80 if mask else 0) | length)
-        elif length < 65536:
-            header = struct.pack("!BBH", first, (0x80 if mask else 0) | 126, length)
-        else:
-            header = struct.pack("!BBQ", first, (0x80 if mask else 0) | 127, length)
-        if mask:
-            key = b"\x01\x02\x03\x04"
-            payload = bytes(b ^ key[i % 4] for i, b in enumerate(payload))
-            header += key
-        self.sock.sendall(header + payload)
+        self.sock.sendall(hand_frame(opcode, payload, fin, rsv, key=b"\x01\x02\x03\x04" if mask else None))
 
     def _read(self, n):
         while len(self.buffer) < n:

@@ -22,29 +22,14 @@ from glb.frames import (
     parse_close_payload,
     parse_frame_header,
 )
+from tests.support import hand_frame, slow_mask
 
 KEY = b"\x01\x82\x13\xf4"
 
 
-def slow_mask(data, key):
-    """The obvious reference: what apply_mask must equal."""
-    return bytes(b ^ key[i % 4] for i, b in enumerate(data))
-
-
 def frame(opcode, payload=b"", fin=True, rsv=0, key=KEY, length=None):
     """A masked frame built by hand, independently of encode_frame, to test the reader with."""
-    length = len(payload) if length is None else length
-    first = (0x80 if fin else 0) | (rsv << 4) | opcode
-    mask_bit = 0x80 if key else 0
-    if length < 126:
-        header = struct.pack("!BB", first, mask_bit | length)
-    elif length < 65536:
-        header = struct.pack("!BBH", first, mask_bit | 126, length)
-    else:
-        header = struct.pack("!BBQ", first, mask_bit | 127, length)
-    if key:
-        return header + key + slow_mask(payload, key)
-    return header + payload
+    return hand_frame(opcode, payload, fin, rsv, key, length)
 
 
 # -- masking and encoding ------------------------------------------------------

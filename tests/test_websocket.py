@@ -25,6 +25,7 @@ from glb.websocket import (
     WebSocket,
     connect,
 )
+from tests.support import hand_frame, slow_mask
 
 KEY = b"\x37\xfa\x21\x3d"
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -33,22 +34,9 @@ GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 # -- raw peer helpers -----------------------------------------------------------
 
 
-def unmask(data, key):
-    return bytes(b ^ key[i % 4] for i, b in enumerate(data))
-
-
 def raw_frame(opcode, payload=b"", fin=True, rsv=0, masked=True, length=None):
     """A frame as a raw peer would write it (masked like a client unless told)."""
-    length = len(payload) if length is None else length
-    first = (0x80 if fin else 0) | (rsv << 4) | opcode
-    bit = 0x80 if masked else 0
-    if length < 126:
-        header = struct.pack("!BB", first, bit | length)
-    elif length < 65536:
-        header = struct.pack("!BBH", first, bit | 126, length)
-    else:
-        header = struct.pack("!BBQ", first, bit | 127, length)
-    return header + KEY + unmask(payload, KEY) if masked else header + payload
+    return hand_frame(opcode, payload, fin, rsv, KEY if masked else None, length)
 
 
 def recv_exactly(sock, count):
@@ -72,7 +60,7 @@ def read_raw_frame(sock):
     masked = bool(second & 0x80)
     key = recv_exactly(sock, 4) if masked else None
     payload = recv_exactly(sock, length)
-    return bool(first & 0x80), first & 0x0F, masked, unmask(payload, key) if masked else payload
+    return bool(first & 0x80), first & 0x0F, masked, slow_mask(payload, key) if masked else payload
 
 
 def read_raw_close(sock):
