@@ -306,11 +306,11 @@ class BindingEndpoint:
     def __call__(self, environ, start_response):
         balancer = self.balancer
         if environ.get("REQUEST_METHOD") != "GET":
-            return _json(start_response, Status.METHOD_NOT_ALLOWED,
+            return json_response(start_response, Status.METHOD_NOT_ALLOWED,
                          {"error": "the binding request must use GET"}, [("Allow", "GET")])
         backend = balancer.pick_backend(balancer.pick_request(environ))
         if backend is None or not backend.bindings:
-            return _json(start_response, Status.SERVICE_UNAVAILABLE, {"error": "no backend is ready"})
+            return json_response(start_response, Status.SERVICE_UNAVAILABLE, {"error": "no backend is ready"})
         first = backend.bindings[0]
         offer = BindingOffer(first.host, first.port, first.ssl, backend)
         bus = balancer.bus
@@ -321,8 +321,8 @@ class BindingEndpoint:
                 first = Binding(offer.host, offer.port, offer.ssl)
             except RecordError as exc:
                 balancer.report_error(conn, f"before_send_server_binding left a bad binding: {exc.reason}")
-                return _json(start_response, Status.INTERNAL_ERROR, {"error": "bad binding"})
-        return _json(start_response, Status.OK, control_records.binding_json(first))
+                return json_response(start_response, Status.INTERNAL_ERROR, {"error": "bad binding"})
+        return json_response(start_response, Status.OK, control_records.binding_json(first))
 
 
 def requester(environ):
@@ -336,7 +336,8 @@ def requester(environ):
                       secure=environ.get("wsgi.url_scheme") == "https")
 
 
-def _json(start_response, status, obj, headers=()):
+def json_response(start_response, status, obj, headers=()):
+    """A small JSON answer that no cache keeps."""
     body = json.dumps(obj, separators=(",", ":")).encode("utf-8")
     start_response(status, [("Content-Type", "application/json"), ("Cache-Control", "no-store"),
                             ("Content-Length", str(len(body))), *headers])

@@ -27,6 +27,7 @@ from glb.events import EventBus
 from glb.handlers import load_handlers
 from glb.own_sessions import EchoSession
 from glb.relay import DETACHED, ClientSession
+from glb.status import StatusEndpoint
 from glb.registry import Registry
 from glb.websocket import WebSocket
 
@@ -86,6 +87,7 @@ class Balancer:
         self.http_routes = {
             SGC_BINDING_PATH: binding_endpoint,
             self.prefix + "binding": binding_endpoint,
+            self.prefix + "status": StatusEndpoint(self),
         }
 
     # -- listeners ---------------------------------------------------------

@@ -1,0 +1,56 @@
+"""``GET <prefix>status``: what glb holds right now, as JSON, for operators and health checks.
+
+Only peers that may open a control channel (``[backends] allow`` or the bearer
+token) see it: it names backends' internal addresses.
+"""
+
+from glb import __version__
+from glb.control import authorize, json_response
+from glb.errors import Status
+
+
+class StatusEndpoint:
+    """WSGI app: backends with their state and load, open connections by kind, listeners."""
+
+    def __init__(self, balancer):
+        self.balancer = balancer
+
+    def __call__(self, environ, start_response):
+        balancer = self.balancer
+        refusal = authorize(balancer.settings.backends, environ.get("REMOTE_ADDR", ""),
+                            environ.get("HTTP_AUTHORIZATION"))
+        if refusal is not None:
+            start_response(refusal.status, refusal.headers)
+            return [refusal.body]
+        if environ.get("REQUEST_METHOD") != "GET":
+            return json_response(start_response, Status.METHOD_NOT_ALLOWED, {"error": "use GET"},
+                                 [("Allow", "GET")])
+        return json_response(start_response, Status.OK, snapshot(balancer))
+
+
+def snapshot(balancer):
+    """The status document (plain data, no sockets touched)."""
+    connections = {"client": 0, "control": 0, "own": 0}
+    for conn in list(balancer.connections.values()):
+        connections[conn.kind] = connections.get(conn.kind, 0) + 1
+    candidates = set(id(backend) for backend in balancer.registry.candidates())
+    return {
+        "version": __version__,
+        "stopping": balancer.stopping,
+        "balancing": balancer.settings.glb.balancing,
+        "listeners": [f"http://{host}:{port}" for host, port in balancer.addresses]
+        + [f"https://{host}:{port}" for host, port in getattr(balancer, "tls_addresses", [])],
+        "connections": connections,
+        "backends": [{
+            "guid": backend.guid,
+            "name": backend.name,
+            "state": backend.state,
+            "static": backend.static,
+            "accepts_clients": id(backend) in candidates,
+            "bindings": [{"host": b.host, "port": b.port, "ssl": b.ssl} for b in backend.bindings],
+            "weight": backend.weight,
+            "max_clients": backend.max_clients,
+            "relayed": backend.relayed,
+            "reported_clients": len(backend.reported_clients),
+        } for backend in balancer.registry.all()],
+    }
