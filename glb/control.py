@@ -225,15 +225,7 @@ class ControlSession(OwnSession):
         if self.registration.backend is None:
             self._refuse("binary message before server data")
             return True
-        try:
-            control_records.parse_binary_envelope(message)
-        except RecordError as exc:
-            self.balancer.report_error(self.conn, f"{exc.reason}; dropped")
-            return True
-        if self.message_handled(message):
-            return True
-        broadcast.fan_out(self.balancer, message)
-        return True
+        return self._relay_envelope(message, control_records.parse_binary_envelope)
 
     def _on_text(self, text):
         registration = self.registration
@@ -265,14 +257,17 @@ class ControlSession(OwnSession):
         if text.startswith("{"):  # shaped like a record, so certainly not an envelope
             self.balancer.report_error(self.conn, f"{describe_non_record(text)}; dropped")
             return True
+        return self._relay_envelope(text, control_records.parse_text_envelope)
+
+    def _relay_envelope(self, message, parse):
+        """A well-formed envelope fires message/binary, then (unless handled) goes to every backend."""
         try:
-            control_records.parse_text_envelope(text)
+            parse(message)
         except RecordError as exc:
             self.balancer.report_error(self.conn, f"{exc.reason}; dropped")
             return True
-        if self.message_handled(text):
-            return True
-        broadcast.fan_out(self.balancer, text)
+        if not self.message_handled(message):
+            broadcast.fan_out(self.balancer, message)
         return True
 
 

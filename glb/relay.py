@@ -157,9 +157,9 @@ class ClientSession:
         self.scanners = {}  # leg name -> FrameScanner of the raw pump *writing* that leg
         self._ended = False
         self.up_running = False
-        self._directions = {}  # raw relay: source leg -> [destination leg, scanner]
+        self._directions = set()  # raw relay: the source legs still being read
         self._busy = False  # a step is running on a worker
-        self._waiting = None  # events that came while it ran
+        self._waiting = None  # events that came while it ran (a list, once relaying raw)
         self._timer = None
         self._watchers = {}  # leg -> its io watcher
 
@@ -255,24 +255,22 @@ class ClientSession:
         """Both directions raw, with no greenlet parked while the session is idle.
 
         A parked greenlet costs several KiB per session; instead, one persistent io
-        watcher per socket calls ``_on_event``, which runs ``_step`` in a fresh
-        greenlet (it may block in a send, or fire events) that ends when the work is
-        done. While a step runs, further events only wait their turn. Returns
-        DETACHED: the last step finishes the session.
+        watcher per socket calls ``_on_event``, which runs ``_step`` on a shared
+        worker greenlet (it may block in a send, or fire events) that is free again
+        when the work is done. While a step runs, further events only wait their
+        turn. Returns DETACHED: the last step finishes the session.
         """
         hub = gevent.get_hub()
         client, server = self.client, self.server
-        self._directions = {client: [server, self._raw_scanner(client, server)],
-                            server: [client, self._raw_scanner(server, client)]}
+        self._raw_scanner(client, server)
+        self._raw_scanner(server, client)
+        self._directions = {client, server}
         for src, initial in ((client, client_initial), (server, backend_initial)):
-            if initial and not self._raw_step(src, self._directions, initial):
+            if initial and not self._raw_step(src, self._other(src), initial):
                 self._direction_done(src)
         if len(self._directions) < 2:
             return self._relay_rest_in_greenlet()
-        self._busy = False
         self._waiting = []
-        self._timer = None
-        self._watchers = {}
         for leg in self._directions:
             watcher = self._watchers[leg] = hub.loop.io(leg.sock.fileno(), 1)
             watcher.start(self._on_event, leg)
@@ -282,9 +280,8 @@ class ClientSession:
         """Rare: a direction ended on the bytes read with the handshake; finish in this greenlet."""
         linger = self.upstream.close_timeout
         for src in list(self._directions):
-            dst, scanner = self._directions[src]
             with gevent.Timeout(linger, False):
-                self._pump_raw(src, dst, b"")
+                self._pump_raw(src, self._other(src), b"")
         return None
 
     def _on_event(self, event):
@@ -337,11 +334,11 @@ class ClientSession:
         if not data:
             self._eof(event)
             self._direction_done(event)
-        elif not self._raw_step(event, self._directions, data):
+        elif not self._raw_step(event, self._other(event), data):
             self._direction_done(event)
 
     def _direction_done(self, src):
-        self._directions.pop(src, None)
+        self._directions.discard(src)
         watcher = self._watchers.get(src)
         if watcher is not None:
             watcher.stop()
@@ -371,10 +368,13 @@ class ClientSession:
             if leg is not None:
                 leg.shutdown()
 
-    def _raw_step(self, src, directions, data):
-        dst, scanner = directions[src]
+    def _other(self, leg):
+        return self.server if leg is self.client else self.client
+
+    def _raw_step(self, src, dst, data):
+        """Forward one chunk from ``src``; False ends that direction."""
         try:
-            return self._forward_chunk(src, dst, scanner, data)
+            return self._forward_chunk(src, dst, self.scanners[dst.name], data)
         except ConnectionClosed:
             self._lost(dst)  # the other leg is gone or did not read in time
             return False
@@ -427,28 +427,25 @@ class ClientSession:
             return None
 
     def _raw_scanner(self, src, dst):
-        scanner = FrameScanner(self.balancer.settings.glb.max_message_size,
-                               expect_masked=src.name == "client")
-        self.scanners[dst.name] = scanner
-        return scanner
+        """The scanner following what ``src`` sends ``dst`` (kept by the leg it writes)."""
+        self.scanners[dst.name] = FrameScanner(self.balancer.settings.glb.max_message_size,
+                                               expect_masked=src.name == "client")
 
     def _pump_raw(self, src, dst, data):
-        scanner = self._raw_scanner(src, dst)
+        if dst.name not in self.scanners:  # the detached relay made it already
+            self._raw_scanner(src, dst)
         sock = src.sock
         recv = sock.recv
         plain = not is_tls(sock)  # TLS may hold decrypted bytes already
         try:
             while True:
-                if not self._forward_chunk(src, dst, scanner, data):
+                if not self._raw_step(src, dst, data):
                     return
                 if plain and len(data) < RECV_SIZE:  # the kernel had no more: wait, then read
                     wait_readable(sock)
                 data = recv(RECV_SIZE)
                 if not data:
                     break
-        except ConnectionClosed:
-            self._lost(dst)  # the other leg is gone or did not read in time
-            return
         except OSError:
             pass
         self._eof(src)
