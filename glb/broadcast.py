@@ -51,7 +51,6 @@ OUTBOX_SIZE = 4096        # frames queued per control channel before it counts a
 BATCH_BYTES = 256 * 1024  # a writer joins queued frames into one write up to about this many bytes
 SLOW_CONSUMER = "slow consumer"
 CLOSE_WAIT = 2.0          # seconds a slow consumer gets to answer its close before TCP is cut
-SEND_BETWEEN_TIMEOUT = 1.0  # seconds write_data waits for a relayed client stream to reach a boundary
 PING_PAYLOAD = b"glb"
 
 
@@ -178,7 +177,7 @@ def write_data(balancer, connection_id, message):
     1 for one of glb's own connections (a client session, a control channel, an own
     session); for any other id, the number of ready backends the addressed envelope was
     queued for (only the backend holding that client delivers it). 0 when the connection
-    is closed, its relayed stream stayed mid-frame for SEND_BETWEEN_TIMEOUT, its Outbox
+    is closed, its relayed stream stayed mid-frame for relay.SEND_BETWEEN_TIMEOUT, its Outbox
     is full, or no backend is ready.
     """
     conn = balancer.connections.get(connection_id)
@@ -188,15 +187,8 @@ def write_data(balancer, connection_id, message):
         else:
             envelope = control_records.encode_binary_envelope(connection_id, message)
         return fan_out(balancer, envelope)
-    frame = None if conn.kind == CLIENT else encode_message_frame(message)
     try:
-        if conn.kind == CLIENT:
-            written = conn.session.send_to_client(message, timeout=SEND_BETWEEN_TIMEOUT)
-        elif conn.kind == CONTROL:
-            written = conn.session.outbox.put(frame)
-        else:
-            conn.websocket.send_raw(frame)
-            written = True
+        written = conn.send(message)
     except ConnectionClosed as exc:
         log.debug("! %s write_data: %s", conn.id, exc)
         return 0

@@ -96,8 +96,12 @@ class Connection:
         return self.peer[0] if self.peer else ""
 
     def send(self, message):
-        """Send a text (str) or binary (bytes) message to this connection's peer."""
-        self.websocket.send(message)
+        """Send a text (str) or binary (bytes) message to this connection's peer; True if written.
+
+        The session decides how: a relayed client only between two relayed messages,
+        a control channel through its queue, an own session at once.
+        """
+        return self.session.send(message)
 
     def close(self, code=1000, reason=""):
         """Close the connection (for a client session: both legs) with this code and reason."""

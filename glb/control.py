@@ -179,6 +179,10 @@ class ControlSession(OwnSession):
         """The registered Backend, or the PendingBackend before server data."""
         return self.registration.backend or self.pending
 
+    def send(self, message):
+        """``Connection.send`` for a control channel: queued behind the envelopes already waiting."""
+        return self.outbox is not None and self.outbox.put(broadcast.encode_message_frame(message))
+
     def run(self):
         ws = self.conn.websocket
         ws.send_timeout = self.balancer.settings.glb.send_timeout  # a backend that reads nothing is dropped

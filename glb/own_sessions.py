@@ -28,6 +28,10 @@ class OwnSession:
     def abandon(self, reason):
         """The 101 could not be written; nothing was set up, so nothing to undo."""
 
+    def send(self, message):
+        self.conn.websocket.send(message)
+        return True
+
     def close(self, code, reason):
         self.conn.websocket.close(code, reason)
 

@@ -55,6 +55,7 @@ from glb.websocket import connect, is_tls, wait_readable
 
 log = logging.getLogger("glb.relay")
 
+SEND_BETWEEN_TIMEOUT = 1.0  # seconds glb's own message waits for the relayed stream to reach a boundary
 DETACHED = "detached"  # run() returned with the session still relaying, on io watchers
 
 RECV_SIZE = 65536
@@ -656,6 +657,10 @@ class ClientSession:
                 pass
 
     # -- glb's own messages to the client (glb.broadcast.write_data / ping) --
+
+    def send(self, message):
+        """``Connection.send`` for a relayed client: a whole message, between relayed ones."""
+        return self.client is not None and self.send_to_client(message, SEND_BETWEEN_TIMEOUT)
 
     def send_to_client(self, message, timeout=1.0, opcode=None):
         """Write one whole message of glb's own to the client, between relayed frames; True if written.

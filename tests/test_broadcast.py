@@ -19,7 +19,7 @@ import pytest
 import requests
 import websocket
 
-from glb import broadcast
+from glb import broadcast, relay
 from glb import control_records as records
 from glb.agent import Agent, encode_envelope, select_clients
 from glb.control_records import ClientRecord, RecordError
@@ -337,7 +337,7 @@ def test_write_data_to_glbs_own_connections():
 
 @pytest.mark.parametrize("cut", ["mid-frame", "between fragments"])
 def test_write_data_to_a_relayed_client_waits_for_the_end_of_the_backends_message(monkeypatch, cut):
-    monkeypatch.setattr(broadcast, "SEND_BETWEEN_TIMEOUT", 0.2)
+    monkeypatch.setattr(relay, "SEND_BETWEEN_TIMEOUT", 0.2)
     release = gevent.event.Event()
     payload = b"0123456789" * 1000
     if cut == "mid-frame":  # one frame, written in two pieces
