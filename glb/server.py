@@ -25,6 +25,7 @@ from glb.connection import CLIENT, Connection, headers_from_environ
 from glb.errors import CloseCode, Status
 from glb.events import EventBus
 from glb.handlers import load_handlers
+from glb.http_proxy import HttpProxy
 from glb.own_sessions import EchoSession
 from glb.relay import DETACHED, ClientSession
 from glb.status import StatusEndpoint
@@ -89,6 +90,7 @@ class Balancer:
             self.prefix + "binding": binding_endpoint,
             self.prefix + "status": StatusEndpoint(self),
         }
+        self.http_proxy = HttpProxy(self)  # everything else over plain HTTP
 
     # -- listeners ---------------------------------------------------------
 
@@ -172,6 +174,7 @@ class Balancer:
                 gevent.sleep(0.05)
         for server in self.servers:
             server.stop(timeout=0)
+        self.http_proxy.close()  # its pooled backend connections
 
     # -- plain HTTP --------------------------------------------------------
 
@@ -182,11 +185,7 @@ class Balancer:
         return self.forward_http(environ, start_response)
 
     def forward_http(self, environ, start_response):
-        proxy = self.__dict__.get("http_proxy")
-        if proxy is None:  # created on first use: glb.http_proxy owns plain HTTP
-            from glb.http_proxy import HttpProxy
-            proxy = self.http_proxy = HttpProxy(self)
-        return proxy(environ, start_response)
+        return self.http_proxy(environ, start_response)
 
     # -- upgrades ----------------------------------------------------------
 
@@ -210,7 +209,8 @@ class Balancer:
         if event is not None and event.rejection is not None:
             code, reason = event.rejection
             log.info("! %s handshake rejected by handler: %s %s", conn.id, code, reason)
-            return _respond(handler, handshake.Rejection(handshake.status_line(code), reason or handshake.status_line(code)))
+            status = handshake.status_line(code)
+            return _respond(handler, handshake.Rejection(status, reason or status))
         session = session_class.prepare(self, conn, environ)
         if isinstance(session, handshake.Rejection):
             return _respond(handler, session)
