@@ -50,6 +50,8 @@ class Process:
         """Build and start the Balancer on inherited or new sockets; StartFailed on failure."""
         from glb.server import Balancer  # after the config is known to be good
 
+        for signum, command in SIGNALS:  # from now on: a SIGHUP during start-up is queued, not fatal
+            gevent.signal_handler(signum, self.commands.put, command)
         try:
             inherited = InheritedListeners.from_environ()
             self.balancer = Balancer(self.settings)
@@ -62,8 +64,6 @@ class Process:
             self.demo = self.start_demo(self.settings, self.balancer)
 
     def run(self):
-        for signum, command in SIGNALS:
-            gevent.signal_handler(signum, self.commands.put, command)
         handed_over = handover.announce_ready()
         log.info("= glb %s ready (%d listener(s)%s); stop with Ctrl-C, reload with SIGHUP, upgrade with SIGUSR2",
                  __version__, len(self.balancer.servers), ", taken over from the previous glb" if handed_over else "")

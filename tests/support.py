@@ -7,6 +7,7 @@ import signal
 import socket
 import struct
 import sys
+import time
 
 import gevent
 import gevent.queue
@@ -249,3 +250,42 @@ class Traffic:
         self.stopping = True
         self.greenlet.join(timeout=20)
         assert self.greenlet.dead
+
+
+def open_session_pid(url):
+    """A session through glb, and the pid of the glb process that accepted it (from an
+    ``X-Glb-Pid`` response header, added by a handler module the test configures)."""
+    ws = ws_connect(url + "/app")
+    return ws, int(ws.getheaders()["x-glb-pid"])
+
+
+class Connector:
+    """Opens a session every ``interval`` s, checks one echo on it and closes it; counts failures."""
+
+    def __init__(self, url, interval=0.05):
+        self.url, self.interval = url, interval
+        self.pids = []
+        self.failures = []
+        self.greenlet = gevent.spawn(self._run)
+
+    def _run(self):
+        next_at = time.monotonic()
+        while True:
+            next_at += self.interval  # a fixed rate, whatever each connection took
+            try:
+                ws, pid = open_session_pid(self.url)
+                ws.send("hello")
+                assert ws.recv() == "hello"
+                ws.close()
+                self.pids.append(pid)
+            except Exception as exc:  # noqa: BLE001 (refused, reset, anything: counted)
+                self.failures.append(repr(exc))
+            gevent.sleep(max(0.0, next_at - time.monotonic()))
+
+    def wait_for_pid(self, pid, timeout=20):
+        with gevent.Timeout(timeout, AssertionError(f"no connection reached pid {pid}: {self.pids[-5:]}")):
+            while pid not in self.pids:
+                gevent.sleep(0.02)
+
+    def stop(self):
+        self.greenlet.kill()

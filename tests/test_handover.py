@@ -2,6 +2,7 @@
 processes, socket activation and readiness notifications."""
 
 import os
+import re
 import signal
 import socket
 import sys
@@ -9,11 +10,11 @@ import sys
 import gevent
 import pytest
 
-from glb import listeners, systemd
+from glb import config, listeners, systemd
 from glb.agent import Agent
 from glb.listeners import InheritedListeners
 from tests.backends import ScriptedBackend, started
-from tests.support import GlbProcess, Traffic, recv_close, ws_connect
+from tests.support import Connector, GlbProcess, Traffic, open_session_pid as open_session, recv_close
 
 
 # -- inherited listeners and notifications (no glb process) ----------------------------------------
@@ -69,42 +70,6 @@ def write_config(path, backend, extra_glb=""):
     path.write_text(f"[glb]\nlisten = 127.0.0.1:0\nping_interval = 0\n{extra_glb}"
                     "[handlers]\nmodules = pid_handler\n"
                     f"[backend:static]\nurl = ws://127.0.0.1:{backend.port}\n")
-
-
-def open_session(url):
-    """A session through glb, and the pid of the glb process that accepted it."""
-    ws = ws_connect(url + "/app")
-    return ws, int(ws.getheaders()["x-glb-pid"])
-
-
-class Connector:
-    """Opens a session every ``interval`` s, checks one echo on it and closes it; counts failures."""
-
-    def __init__(self, url, interval=0.05):
-        self.url, self.interval = url, interval
-        self.pids = []
-        self.failures = []
-        self.greenlet = gevent.spawn(self._run)
-
-    def _run(self):
-        while True:
-            try:
-                ws, pid = open_session(self.url)
-                ws.send("hello")
-                assert ws.recv() == "hello"
-                ws.close()
-                self.pids.append(pid)
-            except Exception as exc:  # noqa: BLE001 (refused, reset, anything: counted)
-                self.failures.append(repr(exc))
-            gevent.sleep(self.interval)
-
-    def wait_for_pid(self, pid, timeout=20):
-        with gevent.Timeout(timeout, AssertionError(f"no connection reached pid {pid}: {self.pids[-5:]}")):
-            while pid not in self.pids:
-                gevent.sleep(0.02)
-
-    def stop(self):
-        self.greenlet.kill()
 
 
 @pytest.fixture
@@ -227,3 +192,14 @@ def test_systemd_socket_activation_and_notifications(tmp_path, glb_env):
         finally:
             assert glb.stop() == 0
             notifications.close()
+
+
+def test_shipped_systemd_units_fit_the_shipped_config():
+    root = GlbProcess.ROOT
+    service = open(os.path.join(root, "conf", "glb.service"), encoding="utf-8").read()
+    unit_socket = open(os.path.join(root, "conf", "glb.socket"), encoding="utf-8").read()
+    assert re.search(r"^Type=notify$", service, re.M) and re.search(r"^NotifyAccess=all$", service, re.M)
+    assert re.search(r"^ExecReload=/bin/kill -HUP \$MAINPID$", service, re.M)
+    streams = re.findall(r"^ListenStream=(\S+)$", unit_socket, re.M)
+    listen = config.load(os.path.join(root, "conf", "lb.ini")).glb.listen
+    assert streams and all(config.HostPort().parse(stream, root) in listen for stream in streams)

@@ -3,8 +3,10 @@ reloaded under traffic."""
 
 import importlib
 import os
+import shutil
 import signal
 import socket
+import ssl
 import sys
 
 import pytest
@@ -17,6 +19,7 @@ from glb.registry import DRAINING, READY, Registry
 from glb.server import Balancer
 from tests.backends import ScriptedBackend, started
 from tests.support import GlbProcess, Traffic, make_settings, ws_connect
+from tests.test_tls import Pki
 
 
 # -- the diff (no sockets) -------------------------------------------------------------------------
@@ -202,8 +205,8 @@ def test_sighup_applies_new_handlers_and_backends_without_touching_open_sessions
 
 # -- listeners on reload (a real Balancer in this process) -----------------------------------------
 
-def echo_once(url, text="hi"):
-    ws = ws_connect(url + "/glb/echo")
+def echo_once(url, text="hi", **options):
+    ws = ws_connect(url + "/glb/echo", **options)
     ws.send(text)
     assert ws.recv() == text
     return ws
@@ -241,4 +244,31 @@ def test_reload_binds_added_listeners_and_closes_removed_ones_whose_sessions_con
         on_first.close()
     finally:
         busy.close()
+        balancer.stop(timeout=1)
+
+
+@pytest.mark.timeout(30)
+def test_reload_gives_new_tls_handshakes_the_renewed_certificate_and_leaves_open_ones(tmp_path):
+    first, second = Pki(tmp_path, "first"), Pki(tmp_path, "second")
+    live_cert, live_key = tmp_path / "live-cert.pem", tmp_path / "live-key.pem"
+    shutil.copy(first.certfile, live_cert)
+    shutil.copy(first.keyfile, live_key)
+    conf = tmp_path / "glb.ini"
+    conf.write_text("[glb]\nlisten = 127.0.0.1:0\n[handlers]\nmodules =\n"
+                    "[tls]\nlisten = 127.0.0.1:0\ncertfile = live-cert.pem\nkeyfile = live-key.pem\n")
+    balancer = Balancer(config.load(conf))
+    balancer.start()
+    try:
+        url = f"wss://127.0.0.1:{balancer.tls_addresses[0][1]}"
+        opened_before = echo_once(url, sslopt={"context": first.client_context()})
+        shutil.copy(second.certfile, live_cert)  # renewed on disk; the config is the same
+        shutil.copy(second.keyfile, live_key)
+        assert balancer.reload().settings == []
+        echo_once(url, sslopt={"context": second.client_context()}).close()
+        with pytest.raises(ssl.SSLError):
+            ws_connect(url + "/glb/echo", sslopt={"context": first.client_context()})
+        opened_before.send("still here")
+        assert opened_before.recv() == "still here"
+        opened_before.close()
+    finally:
         balancer.stop(timeout=1)
