@@ -157,8 +157,11 @@ class Plan:
         for server in self.new_servers:
             balancer.start_listener(server)
         self.new_servers = []
-        for hook in getattr(balancer, "reload_hooks", ()):
-            hook(old, new)
+        for hook in balancer.reload_hooks:  # state someone built from settings, rebuilt by its owner
+            try:
+                hook(old, new)
+            except Exception:  # the reload is applied; one hook's bug must not hide that
+                log.exception("! reload hook %r failed", hook)
 
 
 def prepare(balancer, settings, handlers):

@@ -80,6 +80,7 @@ class Balancer:
         self.servers = []
         self.stopping = False
         self.control_channels = {}  # guid -> ControlSession whose server data was accepted
+        self.reload_hooks = []  # f(old_settings, new_settings), called once a reload is applied (glb.reload)
         self.ws_routes = {
             self.prefix + "echo": EchoSession,
             self.prefix + "control": ControlSession,

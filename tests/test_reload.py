@@ -10,6 +10,7 @@ import ssl
 import sys
 
 import pytest
+import websocket
 
 from glb import config, reload
 from glb.errors import HandlerLoadError
@@ -270,5 +271,31 @@ def test_reload_gives_new_tls_handshakes_the_renewed_certificate_and_leaves_open
         opened_before.send("still here")
         assert opened_before.recv() == "still here"
         opened_before.close()
+    finally:
+        balancer.stop(timeout=1)
+
+
+@pytest.mark.timeout(30)
+def test_reload_moves_glb_endpoints_to_a_new_prefix_swaps_the_policy_and_calls_reload_hooks(tmp_path):
+    conf = tmp_path / "glb.ini"
+    conf.write_text("[glb]\nlisten = 127.0.0.1:0\n[handlers]\nmodules =\n")
+    balancer = Balancer(config.load(conf))
+    balancer.start()
+    calls = []
+    balancer.reload_hooks.append(lambda old, new: calls.append((old.glb.prefix, new.glb.prefix)))
+    try:
+        url = f"ws://127.0.0.1:{balancer.addresses[0][1]}"
+        conf.write_text("[glb]\nlisten = 127.0.0.1:0\nprefix = /lb/\nbalancing = round_robin\n"
+                        "[handlers]\nmodules =\n")
+        old_policy = balancer.policy
+        changes = balancer.reload()
+        assert changes.settings == ["glb.balancing", "glb.prefix"]
+        assert balancer.policy is not old_policy and calls == [("/glb/", "/lb/")]
+        ws = ws_connect(url + "/lb/echo")
+        ws.send("moved")
+        assert ws.recv() == "moved"
+        ws.close()
+        with pytest.raises(websocket.WebSocketBadStatusException):
+            ws_connect(url + "/lb/nothing-here")  # under the new prefix: glb's, so 404, not relayed
     finally:
         balancer.stop(timeout=1)
