@@ -709,7 +709,9 @@ class ClientSession:
         if self.client is None or self.outcome is not None:
             return
         legs = (self.client, self.server)
-        if idle_timeout and now - max(leg.last_activity for leg in legs) > idle_timeout:
+        # A leg blocked in a send is streaming, not idle: send_timeout judges it (1008, slow reader).
+        if idle_timeout and now - max(leg.last_activity for leg in legs) > idle_timeout \
+                and not any(leg.ws.sending for leg in legs):
             self.close(CloseCode.GOING_AWAY, "idle timeout")
             return
         if not ping_interval:

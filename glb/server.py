@@ -215,12 +215,20 @@ class Balancer:
         if isinstance(session, handshake.Rejection):
             return _respond(handler, session)
         extra = list(session.response_headers) + list(response_headers.items())
+        problem = handshake.header_problem(extra)
+        if problem is not None:  # a handshake handler's mistake: no 101, and nothing held
+            session.abandon(problem)
+            self.report_error(conn, f"handshake refused: {problem}")
+            return _respond(handler, handshake.Rejection(Status.INTERNAL_ERROR, "bad response header"))
         try:
             conn.websocket, detached = accept_websocket(
                 handler, extra, max_message_size=self.settings.glb.max_message_size, connection=conn)
         except OSError as exc:
             session.abandon(f"101 could not be written: {exc}")
             return
+        except BaseException as exc:  # whatever failed, the session's backend slot is given back
+            session.abandon(f"101 could not be written: {exc!r}")
+            raise
         if detached:
             self.sessions.spawn(self.run_session, conn, session)
         else:

@@ -155,6 +155,11 @@ class WebSocket:
         return self._close_reason
 
     @property
+    def sending(self):
+        """True while a send waits for the peer to take bytes (bounded by ``send_timeout``)."""
+        return self._write_lock.locked()
+
+    @property
     def max_message_size(self):
         return self._reader.max_message_size
 
@@ -598,18 +603,32 @@ def _read_response_head(sock):
 
 
 def _parse_response_head(head):
+    """``(status_line, status, headers)``; HandshakeFailed with no status for anything malformed.
+
+    A malformed answer is a failed backend, never a refusal to pass on: the
+    status must be three ASCII digits (``"4\u00b23"`` passes ``isdigit()``),
+    every header line ``name: value``, a Content-Length ASCII digits.
+    """
     lines = head.decode("latin-1").split("\r\n")
     status_line = lines[0]
     fields = status_line.split(" ", 2)
-    if len(fields) < 2 or not fields[0].startswith("HTTP/") or not fields[1].isdigit():
+    if len(fields) < 2 or not fields[0].startswith("HTTP/") or not _ascii_digits(fields[1]) \
+            or len(fields[1]) != 3 or fields[1][0] == "0":
         raise HandshakeFailed(f"malformed status line {status_line!r}")
     headers = []
     for line in lines[1:]:
         name, colon, value = line.partition(":")
         if not colon or not name or name != name.strip():
-            raise HandshakeFailed(f"malformed response header line {line!r}", int(fields[1]), headers)
+            raise HandshakeFailed(f"malformed response header line {line!r}")
         headers.append((name, value.strip()))
+    length = _header_value(headers, "content-length")
+    if length is not None and not _ascii_digits(length):
+        raise HandshakeFailed(f"malformed Content-Length {length!r}")
     return status_line, int(fields[1]), headers
+
+
+def _ascii_digits(text):
+    return text.isascii() and text.isdigit()
 
 
 def _header_value(headers, wanted):
@@ -639,7 +658,7 @@ def _read_error_body(sock, headers, body):
     length = _header_value(headers, "content-length")
     chunked = "chunked" in (_header_value(headers, "transfer-encoding") or "").lower()
     wanted = MAX_ERROR_BODY
-    if length is not None and length.isdigit():
+    if length is not None:  # ASCII digits: checked with the head
         wanted = min(int(length), MAX_ERROR_BODY)
     try:
         while len(body) < wanted and not (chunked and _chunked_complete(body)):
