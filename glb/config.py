@@ -354,6 +354,13 @@ SETTINGS = (
             "When set, control channels must send `Authorization: Bearer <token>`."),
     Setting("backends", "allow", List(Network(), name="network list"), "127.0.0.0/8, ::1/128",
             "Networks whose control channels need no token."),
+    Setting("backends", "max_clients_reported", Int(min=1), "100000",
+            "Most client records one backend may report; beyond it further `active` records are dropped "
+            "(one `error` event per channel) and its count stays at the cap, so a backend that grew "
+            "popular is never taken out of the pool."),
+    Setting("backends", "max_bindings", Int(min=1), "16",
+            "Most bindings one backend may register; one more closes its channel with 1008 (a backend "
+            "has a few listeners; thousands is a bug to see at once)."),
     Setting("backends", "verify", Bool(), "true",
             "Verify the TLS certificates of wss:// and https:// backends."),
     Setting("backends", "cafile", FilePath(), "",

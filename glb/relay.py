@@ -51,7 +51,7 @@ from glb.errors import CloseCode, ConnectionClosed, HandshakeFailed, MessageTooB
 from glb.frames import (OP_BINARY, OP_CLOSE, OP_CONTINUATION, OP_PING, OP_PONG, OP_TEXT,
                         FrameScanner, encode_close_payload, encode_frame)
 from glb.handshake import Rejection, header_tokens
-from glb.websocket import connect, is_tls, wait_readable
+from glb.websocket import TURN_BYTES, connect, is_tls, wait_readable, yield_turn
 
 log = logging.getLogger("glb.relay")
 
@@ -438,12 +438,18 @@ class ClientSession:
         sock = src.sock
         recv = sock.recv
         plain = not is_tls(sock)  # TLS may hold decrypted bytes already
+        turn = TURN_BYTES
         try:
             while True:
                 if not self._raw_step(src, dst, data):
                     return
+                turn -= len(data)
                 if plain and len(data) < RECV_SIZE:  # the kernel had no more: wait, then read
                     wait_readable(sock)
+                    turn = TURN_BYTES
+                elif turn <= 0:  # a fast peer never makes this pump wait: let the others run
+                    yield_turn()
+                    turn = TURN_BYTES
                 data = recv(RECV_SIZE)
                 if not data:
                     break

@@ -67,7 +67,7 @@ class Balancer:
         modules = settings.handlers.modules if handler_modules is None else handler_modules
         for warning in load_handlers(modules, self.bus):
             log.warning("%s", warning)
-        self.registry = Registry()
+        self.registry = Registry(settings.backends.max_clients_reported, settings.backends.max_bindings)
         for static in settings.backends_static:
             self.registry.add_static(static.name, static.url, http=static.http,
                                      weight=static.weight, max_clients=static.max_clients)

@@ -76,6 +76,12 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_MESSAGE_SIZE = 16 * 1024 * 1024
 RECV_SIZE = 64 * 1024
+# Fairness: a reader hands the hub back after this much work, whatever its peer sends. A frame
+# costs its payload size, at least FRAME_COST, so a flood of tiny frames (each handled by Python
+# code: control records, events) yields every TURN_BYTES // FRAME_COST frames, a bulk stream
+# every TURN_BYTES.
+TURN_BYTES = 256 * 1024
+FRAME_COST = 2048
 MAX_RESPONSE_HEAD = 64 * 1024
 MAX_ERROR_BODY = 64 * 1024
 WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -98,7 +104,7 @@ class WebSocket:
 
     # one per connection leg, thousands at once: no per-instance __dict__
     __slots__ = ("_sock", "server_side", "connection", "auto_pong", "send_timeout", "close_timeout",
-                 "_mask", "_reader", "_write_lock", "_plain", "_drained", "_reading", "_changed",
+                 "_mask", "_reader", "_write_lock", "_plain", "_drained", "_turn", "_reading", "_changed",
                  "_close_sent", "_close_received", "_sock_closed", "_closed_by", "_close_code",
                  "_close_reason")
 
@@ -118,6 +124,7 @@ class WebSocket:
         self._write_lock = Semaphore()
         self._plain = not is_tls(sock)  # TLS may hold decrypted bytes or need retries: no fast paths
         self._drained = False  # the last recv emptied the kernel's buffer: wait before the next
+        self._turn = TURN_BYTES  # work left before this reader must let others run (see TURN_BYTES)
         self._reading = False  # a greenlet is inside receive_frame()
         self._changed = None  # an Event only while close() waits for that reader (few exist at once)
         self._close_sent = False
@@ -229,11 +236,16 @@ class WebSocket:
     def _read_frame(self):
         reader = self._reader
         sock = self._sock
+        if self._turn <= 0:  # a fast peer never makes us wait: let every other greenlet and fd run
+            self._turn = TURN_BYTES
+            yield_turn()
         while True:
             frame = reader.next_frame()
             if frame is not None:
+                self._turn -= max(len(frame.payload), FRAME_COST)
                 return frame
             if self._drained:
+                self._turn = TURN_BYTES  # waiting for the peer lets the others run anyway
                 wait_readable(sock)
             data = sock.recv(RECV_SIZE)
             if not data:
@@ -460,6 +472,15 @@ class WebSocket:
 
 def is_tls(sock):
     return isinstance(sock, (ssl.SSLSocket, gevent.ssl.SSLSocket))
+
+
+def yield_turn():
+    """Let the hub poll every socket and run every ready greenlet, then carry on.
+
+    ``sleep(0)`` may resume this greenlet before the loop polls for I/O; a timer,
+    however short, fires only after the next poll.
+    """
+    gevent.sleep(0.000001)
 
 
 def wait_readable(sock):
