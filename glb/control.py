@@ -201,6 +201,10 @@ class ControlSession(OwnSession):
             bus.fire(bus.server_disconnect, connection=self.conn, backend=self.backend,
                      code=ws.close_code)
 
+    def leave_pool(self):
+        """The backend leaves the pool now (heartbeat eviction); the channel closes after."""
+        self._leave()
+
     def _leave(self):
         """Take the backend out of the pool and the relay map (once; before any slow close)."""
         if self._left:
