@@ -259,6 +259,13 @@ class ControlSession(OwnSession):
             log.info("= %s backend %s ready: %s", self.conn.id, backend.guid,
                      ", ".join(b.netloc for b in backend.bindings) or "no bindings")
             self.bus.fire(self.bus.server_ready, connection=self.conn, backend=backend)
+        elif outcome == Outcome.DRAIN:
+            log.info("< %s backend %s drains itself (spread %s)", self.conn.id, backend.guid,
+                     registration.last.spread)
+            self.balancer.pool.drain(backend, registration.last.spread)
+        elif outcome == Outcome.UNDRAIN:
+            log.info("< %s backend %s undrains itself", self.conn.id, backend.guid)
+            self.balancer.pool.undrain(backend)
         return True
 
     def _on_envelope_text(self, text):

@@ -18,8 +18,8 @@ from urllib.parse import urlsplit
 
 from glb.balancing import slow_start_weight
 from glb.control_records import (
-    CLIENT_CONNECTION, SERVER_DATA, Binding, ClientRecord, Ready, RecordError, ServerData,
-    parse_record,
+    CLIENT_CONNECTION, DRAIN, SERVER_DATA, Binding, ClientRecord, Drain, Ready, RecordError,
+    ServerData, Undrain, parse_record,
 )
 from glb.errors import CloseCode, GlbError
 
@@ -55,12 +55,14 @@ HEALTH_TRANSITIONS = {
 # data yet). Server data comes once and first; bindings and client records may
 # follow; ready comes once. A binding after ready is accepted and added: a
 # backend may open another listener, and adding an address harms nobody.
+# A ready backend may drain itself and undrain again (glb's extension records;
+# either one in the state it leads to changes nothing).
 # Broadcast envelopes are not records: valid in any state once server data came.
 ACCEPTED = {
     None: (ServerData,),
     CONNECTING: (Binding, ClientRecord, Ready),
-    READY: (Binding, ClientRecord),
-    DRAINING: (Binding, ClientRecord),
+    READY: (Binding, ClientRecord, Drain, Undrain),
+    DRAINING: (Binding, ClientRecord, Drain, Undrain),
     GONE: (),
 }
 
@@ -72,6 +74,8 @@ class Outcome:
     BINDING = "binding"        # a binding was added (or was already known)
     CLIENT = "client"          # a client record updated the backend's client count
     READY = "ready"            # the backend became eligible: fire server_ready
+    DRAIN = "drain"            # the backend asks to be drained (``Registration.last`` has the spread)
+    UNDRAIN = "undrain"        # the backend asks to take new clients again
     ENVELOPE = "envelope"      # not a record: a broadcast envelope for the caller
 
 
@@ -206,6 +210,7 @@ class Registration:
         self.registry = registry
         self.peer = peer
         self.backend = None
+        self.last = None  # the record last applied
 
     @property
     def state(self):
@@ -225,7 +230,7 @@ class Registration:
             if self.backend is None and exc.method != SERVER_DATA:
                 # Out of order beats badly formed: nothing but server data may come first.
                 raise RegistrationError(f"record before server data ({exc.reason})") from None
-            if exc.method == CLIENT_CONNECTION:
+            if exc.method in (CLIENT_CONNECTION, DRAIN):
                 raise
             raise RegistrationError(exc.reason) from None
         if record is None:
@@ -239,6 +244,7 @@ class Registration:
         state = self.state
         if not isinstance(record, ACCEPTED[state]):
             raise RegistrationError(*self._refusal(record, state))
+        self.last = record
         if isinstance(record, ServerData):
             self.backend = self.registry._register(record, self.peer)
             return Outcome.REGISTERED
@@ -248,6 +254,10 @@ class Registration:
         if isinstance(record, ClientRecord):
             self.registry._client_record(self.backend, record)
             return Outcome.CLIENT
+        if isinstance(record, Drain):
+            return Outcome.DRAIN  # the caller drains through glb.pool, which also closes sessions
+        if isinstance(record, Undrain):
+            return Outcome.UNDRAIN
         self.registry._move(self.backend, READY)
         return Outcome.READY
 
@@ -258,6 +268,8 @@ class Registration:
             return ("backend was removed", CloseCode.GOING_AWAY)
         if isinstance(record, ServerData):
             return ("server data sent twice",)
+        if isinstance(record, (Drain, Undrain)):
+            return ("drain before ready",)
         return ("ready sent twice",)
 
     def _resolve(self, binding):

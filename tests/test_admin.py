@@ -177,3 +177,19 @@ def test_a_body_that_is_not_json_is_400():
             answer = requests.post(admin_url(balancer, "backends/blue/drain"), data=body, timeout=5)
             assert answer.status_code == 400 and answer.json()["error"]
         assert balancer.registry.get("blue").state == READY
+
+
+# -- a backend that drains itself ---------------------------------------------------------------------
+
+@pytest.mark.timeout(30)
+def test_a_backend_drains_itself_over_its_control_channel():
+    with two_backends(sessions=10) as (balancer, (blue, green), fleet, recorder):
+        on_blue = fleet.by_backend()["blue"]
+        blue.agent.drain(spread=0.5)
+        fleet.wait_for(lambda: fleet.by_backend() == {"green": 10}, 10, "every client on green")
+        assert balancer.registry.get("blue").state == DRAINING
+        assert {(c.code, c.reason, c.backend) for c in fleet.closes()} == {(1012, "service restart", "blue")}
+        assert len(fleet.closes()) == on_blue
+        blue.agent.undrain()
+        fleet.wait_for(lambda: balancer.registry.get("blue").state == READY, 5, "blue ready again")
+        assert len(recorder.of("server_ready")) == 2  # undraining is no new registration
