@@ -28,6 +28,8 @@ from glb.handlers import load_handlers
 from glb.http_proxy import HttpProxy
 from glb.own_sessions import EchoSession
 from glb.relay import DETACHED, ClientSession
+from glb.metrics import MetricsEndpoint
+from glb.stats import Stats
 from glb.status import StatusEndpoint
 from glb.registry import Registry
 from glb.websocket import WebSocket
@@ -63,6 +65,7 @@ class Balancer:
 
     def __init__(self, settings, handler_modules=None):
         self.settings = settings
+        self.stats = Stats()  # plain counters; glb.metrics and the status page read them
         self.bus = EventBus()
         modules = settings.handlers.modules if handler_modules is None else handler_modules
         for warning in load_handlers(modules, self.bus):
@@ -89,6 +92,7 @@ class Balancer:
             SGC_BINDING_PATH: binding_endpoint,
             self.prefix + "binding": binding_endpoint,
             self.prefix + "status": StatusEndpoint(self),
+            self.prefix + "metrics": MetricsEndpoint(self),
         }
         self.http_proxy = HttpProxy(self)  # everything else over plain HTTP
 
@@ -243,6 +247,7 @@ class Balancer:
         ws = conn.websocket
         conn.session = session
         self.connections[conn.id] = conn
+        self.stats.connection_opened(conn.kind)
         detached = False
         try:
             self.bus.fire(self.bus.connect, connection=conn)
@@ -309,6 +314,7 @@ def _close_quietly(conn, code, reason):
 
 def _respond(handler, rejection):
     """Answer an upgrade with an HTTP error and close the connection."""
+    handler.server.balancer.stats.handshake_rejected(rejection.status)
     handler.close_connection = True
     handler.start_response(rejection.status, rejection.headers + [("Connection", "close")])
     handler.write(rejection.body)
