@@ -68,7 +68,7 @@ class Balancer:
         self.stats = Stats()  # plain counters; glb.metrics and the status page read them
         self.bus = EventBus()
         modules = settings.handlers.modules if handler_modules is None else handler_modules
-        for warning in load_handlers(modules, self.bus):
+        for warning in load_handlers(modules, self.bus, settings):
             log.warning("%s", warning)
         self.registry = Registry()
         for static in settings.backends_static:
