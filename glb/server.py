@@ -28,6 +28,7 @@ from glb.handlers import load_handlers
 from glb.http_proxy import HttpProxy
 from glb.own_sessions import EchoSession
 from glb.relay import DETACHED, ClientSession
+from glb.live import LiveFeed, LiveSession, StatusPage
 from glb.metrics import MetricsEndpoint
 from glb.stats import Stats
 from glb.status import StatusEndpoint
@@ -86,13 +87,16 @@ class Balancer:
             self.prefix + "echo": EchoSession,
             self.prefix + "control": ControlSession,
             SGC_CONTROL_PATH: ControlSession,
+            self.prefix + "status/live": LiveSession,
         }
+        self.live_feed = LiveFeed(self)  # samples only while a status page is open
         binding_endpoint = BindingEndpoint(self)
         self.http_routes = {
             SGC_BINDING_PATH: binding_endpoint,
             self.prefix + "binding": binding_endpoint,
             self.prefix + "status": StatusEndpoint(self),
             self.prefix + "metrics": MetricsEndpoint(self),
+            self.prefix: StatusPage(self),
         }
         self.http_proxy = HttpProxy(self)  # everything else over plain HTTP
 
@@ -159,6 +163,7 @@ class Balancer:
         self.stopping = True
         if getattr(self, "_sweeper", None) is not None:
             self._sweeper.kill(block=False)
+        self.live_feed.stop()
         for server in self.servers:
             server.close()
         for conn in list(self.connections.values()):
