@@ -29,6 +29,7 @@ from typing import NamedTuple
 from urllib.parse import urlsplit
 
 from glb.errors import ConfigError
+from glb.limits import normalise_origin
 
 # --------------------------------------------------------------------------- types
 # A type turns the INI text of one value into a Python value, or raises
@@ -189,6 +190,33 @@ class Network(Type):
             return ipaddress.ip_network(text, strict=False)
         except ValueError:
             raise ValueError(f"not an IP network or address: {text!r}") from None
+
+
+class Rate(Type):
+    """A number of events per second, >= 0 (0 = no limit)."""
+
+    name = "per second >= 0"
+
+    def parse(self, text, base_dir):
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError(f"expected a number per second, got {text!r}") from None
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"must be a finite number >= 0, got {text!r}")
+        return value
+
+
+class Origin(Type):
+    """A browser origin, ``scheme://host[:port]``, kept normalised (lower case, default port dropped)."""
+
+    name = "origin"
+
+    def parse(self, text, base_dir):
+        origin = normalise_origin(text)
+        if origin is None:
+            raise ValueError(f"expected an origin like https://example.com or http://host:8080, got {text!r}")
+        return origin
 
 
 class DottedName(Type):
@@ -366,6 +394,20 @@ SETTINGS = (
             "Other backends tried for a new session when the chosen one cannot be reached."),
     Setting("glb", "shutdown_timeout", Seconds(), "10",
             "On SIGINT or SIGTERM, how long open sessions get to close before they are cut."),
+    Setting("glb", "max_connections", Int(min=0), "0",
+            "Most open connections (HTTP and WebSocket, control channels included); a new one beyond "
+            "it gets 503 and an `error` event. 0 = half the file descriptor limit (raised to the hard "
+            "limit at start-up) less a reserve, since a relayed session holds two descriptors."),
+    Setting("glb", "max_connections_per_ip", Int(min=0), "0",
+            "Most open connections from one client address, as max_connections (0 = no cap)."),
+    Setting("glb", "allowed_origins", List(Origin(), name="origin list"), "",
+            "Origins (`https://app.example.com`) whose pages may open WebSockets; any other `Origin` "
+            "gets 403. Requests without `Origin` (not from a browser) pass. Empty = any origin."),
+    Setting("glb", "handshake_rate_per_ip", Rate(), "0",
+            "WebSocket handshakes (sessions and control channels) one address may start per second, "
+            "on average; beyond it 429, or close 1008 for a control channel (0 = no limit)."),
+    Setting("glb", "handshake_burst_per_ip", Int(min=1), "20",
+            "Handshakes one address may start at once before handshake_rate_per_ip applies."),
     Setting("glb", "log_level", Choice("debug", "info", "warning", "error"), "info",
             "Least severe log level written."),
 
@@ -376,6 +418,13 @@ SETTINGS = (
             "When set, control channels must send `Authorization: Bearer <token>`."),
     Setting("backends", "allow", List(Network(), name="network list"), "127.0.0.0/8, ::1/128",
             "Networks whose control channels need no token."),
+    Setting("backends", "max_clients_reported", Int(min=1), "100000",
+            "Most client records one backend may report; beyond it further `active` records are dropped "
+            "(one `error` event per channel) and its count stays at the cap, so a backend that grew "
+            "popular is never taken out of the pool."),
+    Setting("backends", "max_bindings", Int(min=1), "16",
+            "Most bindings one backend may register; one more closes its channel with 1008 (a backend "
+            "has a few listeners; thousands is a bug to see at once)."),
     Setting("backends", "verify", Bool(), "true",
             "Verify the TLS certificates of wss:// and https:// backends."),
     Setting("backends", "cafile", FilePath(), "",

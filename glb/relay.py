@@ -52,7 +52,7 @@ from glb.frames import (OP_BINARY, OP_CLOSE, OP_CONTINUATION, OP_PING, OP_PONG, 
                         FrameScanner, encode_close_payload, encode_frame, frame_size)
 from glb.stats import Figures
 from glb.handshake import Rejection, header_tokens
-from glb.websocket import connect, is_tls, wait_readable
+from glb.websocket import TURN_BYTES, connect, is_tls, wait_readable, yield_turn
 
 log = logging.getLogger("glb.relay")
 
@@ -456,12 +456,18 @@ class ClientSession:
         sock = src.sock
         recv = sock.recv
         plain = not is_tls(sock)  # TLS may hold decrypted bytes already
+        turn = TURN_BYTES
         try:
             while True:
                 if not self._raw_step(src, dst, data):
                     return
+                turn -= len(data)
                 if plain and len(data) < RECV_SIZE:  # the kernel had no more: wait, then read
                     wait_readable(sock)
+                    turn = TURN_BYTES
+                elif turn <= 0:  # a fast peer never makes this pump wait: let the others run
+                    yield_turn()
+                    turn = TURN_BYTES
                 data = recv(RECV_SIZE)
                 if not data:
                     break
@@ -731,7 +737,9 @@ class ClientSession:
         if self.client is None or self.outcome is not None:
             return
         legs = (self.client, self.server)
-        if idle_timeout and now - max(leg.last_activity for leg in legs) > idle_timeout:
+        # A leg blocked in a send is streaming, not idle: send_timeout judges it (1008, slow reader).
+        if idle_timeout and now - max(leg.last_activity for leg in legs) > idle_timeout \
+                and not any(leg.ws.sending for leg in legs):
             self.close(CloseCode.GOING_AWAY, "idle timeout")
             return
         if not ping_interval:

@@ -19,6 +19,7 @@ from geventwebsocket.handler import WebSocketHandler
 
 from glb import broadcast  # Balancer.broadcast / write_data / ping delegate to it
 from glb import handshake, tls
+from glb.admission import Admission
 from glb.balancing import PickRequest, make_policy
 from glb.control import SGC_BINDING_PATH, SGC_CONTROL_PATH, BindingEndpoint, ControlSession
 from glb.connection import CLIENT, Connection, headers_from_environ
@@ -71,7 +72,7 @@ class Balancer:
         modules = settings.handlers.modules if handler_modules is None else handler_modules
         for warning in load_handlers(modules, self.bus, settings):
             log.warning("%s", warning)
-        self.registry = Registry()
+        self.registry = Registry(settings.backends.max_clients_reported, settings.backends.max_bindings)
         for static in settings.backends_static:
             self.registry.add_static(static.name, static.url, http=static.http,
                                      weight=static.weight, max_clients=static.max_clients)
@@ -99,6 +100,7 @@ class Balancer:
             self.prefix: StatusPage(self),
         }
         self.http_proxy = HttpProxy(self)  # everything else over plain HTTP
+        self.admission = Admission(self)  # connection limits, origins, handshake rate
 
     # -- listeners ---------------------------------------------------------
 
@@ -116,11 +118,13 @@ class Balancer:
             self.backend_ssl_context()  # its files are checked now, not at the first wss:// backend
         if not settings.backends.verify:
             log.warning("= [backends] verify = false: certificates of wss:// and https:// backends are not checked")
+        self.admission.start()
         for host, port in settings.glb.listen:
             server = WSGIServer((host, port), self.wsgi_app, handler_class=UpgradeHandler,
                                 log=None, error_log=_PywsgiErrorLog())
             server.balancer = self
             server.read_timeout = settings.glb.handshake_timeout
+            self.admission.guard(server)
             server.start()
             self.servers.append(server)
             log.info("= listening on http://%s", _format_address(server.address))
@@ -130,6 +134,7 @@ class Balancer:
                                    handler_class=UpgradeHandler, log=None, error_log=_PywsgiErrorLog())
             server.balancer = self
             server.read_timeout = settings.glb.handshake_timeout
+            self.admission.guard(server)
             server.start()
             self.servers.append(server)
             log.info("= listening on https://%s", _format_address(server.address))
@@ -184,6 +189,7 @@ class Balancer:
         for server in self.servers:
             server.stop(timeout=0)
         self.http_proxy.close()  # its pooled backend connections
+        self.admission.stop()
 
     # -- plain HTTP --------------------------------------------------------
 
@@ -212,6 +218,9 @@ class Balancer:
         conn = Connection(handler.client_address, path, environ.get("QUERY_STRING", ""),
                           headers_from_environ(environ), kind,
                           secure=environ.get("wsgi.url_scheme") == "https")
+        refusal = self.admission.refuse_upgrade(conn)  # origin, handshake rate
+        if isinstance(refusal, handshake.Rejection):
+            return _respond(handler, refusal)
         response_headers = {}
         event = self.bus.fire(self.bus.handshake, connection=conn, request_headers=conn.headers,
                               response_headers=response_headers)
@@ -220,17 +229,27 @@ class Balancer:
             log.info("! %s handshake rejected by handler: %s %s", conn.id, code, reason)
             status = handshake.status_line(code)
             return _respond(handler, handshake.Rejection(status, reason or status))
-        session = session_class.prepare(self, conn, environ)
+        session = (refusal or session_class).prepare(self, conn, environ)
         if isinstance(session, handshake.Rejection):
             return _respond(handler, session)
         extra = list(session.response_headers) + list(response_headers.items())
+        sock = handler.socket
+        problem = handshake.header_problem(extra)
+        if problem is not None:  # a handshake handler's mistake: no 101, and nothing held
+            session.abandon(problem)
+            self.report_error(conn, f"handshake refused: {problem}")
+            return _respond(handler, handshake.Rejection(Status.INTERNAL_ERROR, "bad response header"))
         try:
             conn.websocket, detached = accept_websocket(
                 handler, extra, max_message_size=self.settings.glb.max_message_size, connection=conn)
         except OSError as exc:
             session.abandon(f"101 could not be written: {exc}")
             return
+        except BaseException as exc:  # whatever failed, the session's backend slot is given back
+            session.abandon(f"101 could not be written: {exc!r}")
+            raise
         if detached:
+            self.admission.hold(sock, conn.id)  # the session keeps the connection's count
             self.sessions.spawn(self.run_session, conn, session)
         else:
             self.sessions.add(gevent.getcurrent())
@@ -273,6 +292,7 @@ class Balancer:
         if not conn.websocket.closed:
             _close_quietly(conn, CloseCode.INTERNAL_ERROR, "session ended")
         self.connections.pop(conn.id, None)
+        self.admission.release_held(conn.id)
         code, reason = session.close_status
         self.bus.fire(self.bus.disconnect, connection=conn, code=code, reason=reason)
 
