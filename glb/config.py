@@ -274,6 +274,25 @@ class FilePath(Type):
         return path
 
 
+class OutputPath(Type):
+    """A file glb writes (created if missing) in a directory that must exist; empty means unset (None)."""
+
+    name = "file path (written)"
+
+    def parse(self, text, base_dir):
+        if not text:
+            return None
+        path = os.path.normpath(os.path.join(base_dir, os.path.expanduser(text)))
+        directory = os.path.dirname(path)
+        if os.path.isdir(path):
+            raise ValueError(f"is a directory, not a file: {path}")
+        if not os.path.isdir(directory):
+            raise ValueError(f"directory not found: {directory}")
+        if not os.access(path if os.path.exists(path) else directory, os.W_OK):
+            raise ValueError(f"not writable: {path}")
+        return path
+
+
 class Url(Type):
     """An absolute URL with one of ``schemes``; empty means unset (None)."""
 
@@ -374,6 +393,9 @@ SECTIONS = {
     "tls": "TLS for clients (https:// and wss://); off unless `listen` is set.",
     "demo": "In-process demo backends, for trying glb out; delete in real deployments.",
     "admin": "Who may call the admin API under `<prefix>admin/` (drain, weights, rebalancing, sessions).",
+    # A handler module's settings live in a section named after the module (used when it is listed).
+    "glb.handlers.access_log": "The bundled access log: one line per ended WebSocket and per HTTP request, "
+                               "to the `glb.access` logger or a file of its own.",
     PATTERN: "A static backend, configured here instead of registering over the control channel. "
              "Zero or more; NAME is unique and made of letters, digits, `.`, `_` and `-`.",
 }
@@ -510,6 +532,13 @@ SETTINGS = (
             "When set, admin calls may send `Authorization: Bearer <token>` from any address."),
     Setting("admin", "allow", List(Network(), name="network list"), "127.0.0.0/8, ::1/128",
             "Networks whose admin calls need no token (empty = the token is always needed)."),
+    Setting("glb.handlers.access_log", "format", Choice("text", "json"), "text",
+            "`text`: one readable line each; `json`: one JSON object per line (JSON lines), same fields."),
+    Setting("glb.handlers.access_log", "file", OutputPath(), "",
+            "Append the lines, and nothing else, to this file (reopened when rotated away); "
+            "empty = the `glb.access` logger."),
+    Setting("glb.handlers.access_log", "http", Bool(), "true",
+            "Write a line per plain HTTP request too."),
 
     Setting(PATTERN, "url", Url("ws", "wss", root_only=True), REQUIRED,
             "WebSocket URL that sessions are relayed to.", example="ws://127.0.0.1:9001/"),
@@ -632,6 +661,10 @@ class Settings:
     demo: Section
     admin: Section
 
+    def handler_settings(self, module_name):
+        """The section named after a handler module, or None when glb declares none for it."""
+        return self.__dict__.get(module_name)
+
     def __init__(self, sections, backends_static=(), path=None):
         for name, values in sections.items():
             setattr(self, name, Section(name, values))
@@ -657,7 +690,7 @@ class Settings:
         return f"<Settings from {self.path or '<dict>'}>"
 
 
-assert set(Settings.__annotations__) == set(SECTIONS) - {PATTERN}
+assert set(Settings.__annotations__) == {name for name in SECTIONS if name != PATTERN and "." not in name}
 
 
 # --------------------------------------------------------------------------- loading
@@ -773,6 +806,10 @@ def _build(parser, file, base_dir, path):
             if isinstance(setting.type, Inherit) and getattr(backend, key) is None:
                 setattr(backend, key, sections[setting.type.section][key])
     settings = Settings(sections, static, path)
+    for section in parser.sections():
+        if "." in section and section in SECTIONS and section not in settings.handlers.modules:
+            raise ConfigError(f"settings of handler module {section}, which [handlers] modules does not list",
+                              file, section)
     for section, key, reason in cross_checks(settings):
         raise ConfigError(reason, file, section, key)
     return settings

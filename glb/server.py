@@ -33,6 +33,9 @@ from glb.own_sessions import EchoSession
 from glb.pool import PoolControl
 from glb.rebalance import Rebalancer
 from glb.relay import DETACHED, ClientSession
+from glb.live import LiveFeed, LiveSession, StatusPage
+from glb.metrics import MetricsEndpoint
+from glb.stats import Stats
 from glb.status import StatusEndpoint
 from glb.registry import Registry
 from glb.websocket import WebSocket
@@ -68,9 +71,10 @@ class Balancer:
 
     def __init__(self, settings, handler_modules=None):
         self.settings = settings
+        self.stats = Stats()  # plain counters; glb.metrics and the status page read them
         self.bus = EventBus()
         modules = settings.handlers.modules if handler_modules is None else handler_modules
-        for warning in load_handlers(modules, self.bus):
+        for warning in load_handlers(modules, self.bus, settings):
             log.warning("%s", warning)
         backends = settings.backends
         self.registry = Registry(backends.max_clients_reported, backends.max_bindings,
@@ -93,12 +97,16 @@ class Balancer:
             self.prefix + "echo": EchoSession,
             self.prefix + "control": ControlSession,
             SGC_CONTROL_PATH: ControlSession,
+            self.prefix + "status/live": LiveSession,
         }
+        self.live_feed = LiveFeed(self)  # samples only while a status page is open
         binding_endpoint = BindingEndpoint(self)
         self.http_routes = {
             SGC_BINDING_PATH: binding_endpoint,
             self.prefix + "binding": binding_endpoint,
             self.prefix + "status": StatusEndpoint(self),
+            self.prefix + "metrics": MetricsEndpoint(self),
+            self.prefix: StatusPage(self),
         }
         self.http_prefix_routes = {self.prefix + "admin/": AdminApi(self)}  # path prefix -> WSGI app
         self.http_proxy = HttpProxy(self)  # everything else over plain HTTP
@@ -178,6 +186,7 @@ class Balancer:
             self._sweeper.kill(block=False)
         for part in (self.health, self.rebalancer, self.pool):
             part.stop()
+        self.live_feed.stop()
         for server in self.servers:
             server.close()
         for conn in list(self.connections.values()):
@@ -284,6 +293,7 @@ class Balancer:
         ws = conn.websocket
         conn.session = session
         self.connections[conn.id] = conn
+        self.stats.connection_opened(conn.kind)
         detached = False
         try:
             self.bus.fire(self.bus.connect, connection=conn)
@@ -351,6 +361,7 @@ def _close_quietly(conn, code, reason):
 
 def _respond(handler, rejection):
     """Answer an upgrade with an HTTP error and close the connection."""
+    handler.server.balancer.stats.handshake_rejected(rejection.status)
     handler.close_connection = True
     handler.start_response(rejection.status, rejection.headers + [("Connection", "close")])
     handler.write(rejection.body)
