@@ -16,7 +16,7 @@ import signal
 import gevent
 from gevent.queue import Queue
 
-from glb import __version__, handover, systemd
+from glb import __version__, handover, reload, systemd
 from glb.errors import ConfigError, HandlerLoadError
 from glb.listeners import InheritedListeners
 
@@ -85,17 +85,11 @@ class Process:
             log.warning("! reload ignored: this glb has handed over to pid %d (reload that one)",
                         self.handed_over_to)
             return
-        path = self.balancer.settings.path
         systemd.reloading()
         try:
-            changes = self.balancer.reload(path)
-        except (ConfigError, HandlerLoadError, OSError) as exc:
-            log.error("! reload refused; still running the previous config: glb: %s", exc)
+            reload.reload_and_log(self.balancer)
         except Exception:  # a glb bug: say so, keep serving
             log.exception("! reload failed; still running")
-        else:
-            logging.getLogger().setLevel(self.balancer.settings.glb.log_level.upper())
-            log.info("= reloaded %s: %s", path, changes.describe())
         systemd.notify("READY=1")
 
     # -- SIGUSR2 -----------------------------------------------------------------------------

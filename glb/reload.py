@@ -26,9 +26,12 @@ the config itself did not change.
 """
 
 import logging
+import resource
 from typing import NamedTuple
 
 from glb import config, tls
+from glb.admission import derived_max_connections
+from glb.errors import ConfigError, HandlerLoadError
 from glb.balancing import make_policy
 from glb.events import EventBus
 from glb.handlers import Handlers, swap_handlers
@@ -37,7 +40,6 @@ from glb.listeners import listener_name
 log = logging.getLogger("glb.reload")
 
 _RESTART_SECTIONS = ("demo",)  # read once at start-up: a change needs a restart
-_STATIC_KEYS = ("url", "http", "weight", "max_clients")
 
 
 class Changes(NamedTuple):
@@ -85,7 +87,7 @@ def diff(old, new):
         if section == config.PATTERN:
             continue
         for key in declared:
-            if getattr(getattr(old, section), key) != getattr(getattr(new, section), key):
+            if getattr(old.__dict__.get(section), key, None) != getattr(new.__dict__.get(section), key, None):
                 changed.append(f"{section}.{key}")
     old_static = {backend.name: backend for backend in old.backends_static}
     new_static = {backend.name: backend for backend in new.backends_static}
@@ -96,7 +98,7 @@ def diff(old, new):
         backends_removed=sorted(set(old_static) - set(new_static)),
         backends_changed=sorted(name for name in set(old_static) & set(new_static)
                                 if any(getattr(old_static[name], key) != getattr(new_static[name], key)
-                                       for key in _STATIC_KEYS)),
+                                       for key in config.DECLARED[config.PATTERN])),
         listeners_added=[name for name in new_listeners if name not in old_listeners],
         listeners_removed=[name for name in old_listeners if name not in new_listeners],
         handlers=list(new.handlers.modules),
@@ -109,7 +111,7 @@ def check(path):
     Raises ConfigError or HandlerLoadError with the same one-line message as at start-up.
     """
     settings = config.load(path)
-    return settings, Handlers(settings.handlers.modules, fresh=True)
+    return settings, Handlers(settings.handlers.modules, settings, fresh=True)
 
 
 class Plan:
@@ -157,6 +159,12 @@ class Plan:
         for server in self.new_servers:
             balancer.start_listener(server)
         self.new_servers = []
+        _apply_limits(balancer, new.glb, changes)
+        _apply_rebalancing(balancer.rebalancer, new.glb)
+        _apply_backend_defaults(balancer.registry, new.backends)
+        if (changes.backends_added or changes.backends_removed or changes.backends_changed
+                or any(name.startswith("backends.") for name in changes.settings)):
+            _restart_health_checks(balancer)
         for hook in balancer.reload_hooks:  # state someone built from settings, rebuilt by its owner
             try:
                 hook(old, new)
@@ -182,7 +190,7 @@ def prepare(balancer, settings, handlers):
     for name in changes.backends_added:
         existing = registry.get(name)
         if existing is not None and not existing.static:
-            raise config.ConfigError(f"a backend with guid {name!r} is registered over a control channel",
+            raise ConfigError(f"a backend with guid {name!r} is registered over a control channel",
                                      file, f"backend:{name}")
     try:
         for scheme, addresses in (("http", settings.glb.listen), ("https", settings.tls.listen)):
@@ -211,6 +219,21 @@ def reload(balancer, path):
     return plan.changes
 
 
+def reload_and_log(balancer, path=None):
+    """A reload as SIGHUP and ``POST <prefix>admin/reload`` do it: applied and said in one line,
+    or refused with the start-up error line. ``(Changes, None)`` or ``(None, the reason)``."""
+    path = path or balancer.settings.path
+    try:
+        changes = reload(balancer, path)
+    except (ConfigError, HandlerLoadError, OSError) as exc:
+        reason = f"glb: {exc}"
+        log.error("! reload refused; still running the previous config: %s", reason)
+        return None, reason
+    logging.getLogger().setLevel(balancer.settings.glb.log_level.upper())
+    log.info("= reloaded %s: %s", path, changes.describe())
+    return changes, None
+
+
 def _apply_static_backends(registry, new, changes):
     by_name = {backend.name: backend for backend in new.backends_static}
     for name in changes.backends_removed:
@@ -220,18 +243,18 @@ def _apply_static_backends(registry, new, changes):
     for name in changes.backends_added + changes.backends_changed:
         static = by_name[name]
         existing = registry.get(name)
+        values = dict(http=static.http, weight=static.weight, max_clients=static.max_clients,
+                      max_fails=static.max_fails, fail_timeout=static.fail_timeout, slow_start=static.slow_start)
         if existing is not None and existing.static:
-            registry.update_static(name, static.url, http=static.http, weight=static.weight,
-                                   max_clients=static.max_clients)
+            registry.update_static(name, static.url, **values)
         else:
-            registry.add_static(name, static.url, http=static.http, weight=static.weight,
-                                max_clients=static.max_clients)
+            registry.add_static(name, static.url, **values)
 
 
 def _move_routes(balancer, old_prefix, new_prefix):
     """Routes under the old prefix (glb's own endpoints, whoever added them) move to the new one."""
     balancer.prefix = new_prefix
-    for routes in (balancer.ws_routes, balancer.http_routes):
+    for routes in (balancer.ws_routes, balancer.http_routes, balancer.http_prefix_routes):
         for path in [path for path in routes if path.startswith(old_prefix)]:
             routes[new_prefix + path[len(old_prefix):]] = routes.pop(path)
 
@@ -242,3 +265,39 @@ def _replace_http_proxy(balancer):
     old = balancer.http_proxy
     balancer.http_proxy = type(old)(balancer)
     old.close()
+
+
+def _apply_limits(balancer, glb, changes):
+    """Connection limits, handshake rate and origins in place: open connections stay counted."""
+    admission = balancer.admission
+    limits, rate = admission.limits, admission.rate
+    limits.max_per_ip = glb.max_connections_per_ip
+    if "glb.max_connections" in changes.settings:
+        limits.max_total = glb.max_connections or derived_max_connections(
+            resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+    rate.rate, rate.burst = glb.handshake_rate_per_ip, max(1, glb.handshake_burst_per_ip)
+    admission.allowed_origins = frozenset(glb.allowed_origins)
+
+
+def _apply_rebalancing(rebalancer, glb):
+    rebalancer.automatic = glb.rebalance
+    if glb.rebalance:
+        rebalancer.watch_pool()
+    rebalancer.threshold, rebalancer.rate, rebalancer.cooldown = (
+        glb.rebalance_threshold, glb.rebalance_rate, glb.rebalance_cooldown)
+
+
+def _apply_backend_defaults(registry, backends):
+    """What backends registering from now on get; registered ones keep theirs."""
+    registry.max_clients_reported, registry.max_bindings = backends.max_clients_reported, backends.max_bindings
+    registry.max_fails, registry.fail_timeout, registry.slow_start = (
+        backends.max_fails, backends.fail_timeout, backends.slow_start)
+
+
+def _restart_health_checks(balancer):
+    """Active checks follow the static backends of the new config; heartbeats its periods."""
+    old = balancer.health
+    balancer.health = type(old)(balancer)
+    balancer.health.evictions = old.evictions
+    old.stop()
+    balancer.health.start()

@@ -1,15 +1,18 @@
 """Reload (SIGHUP): the diff and the registry moves without sockets, then a real glb process
 reloaded under traffic."""
 
+import contextlib
 import importlib
 import os
 import shutil
 import signal
 import socket
 import ssl
+import subprocess
 import sys
 
 import pytest
+import requests
 import websocket
 
 from glb import config, reload
@@ -206,6 +209,18 @@ def test_sighup_applies_new_handlers_and_backends_without_touching_open_sessions
 
 # -- listeners on reload (a real Balancer in this process) -----------------------------------------
 
+@contextlib.contextmanager
+def glb_from_file(conf, text="[glb]\nlisten = 127.0.0.1:0\n[handlers]\nmodules =\n"):
+    """A started Balancer whose config is the file ``conf`` (written with ``text``), so it can reload."""
+    conf.write_text(text)
+    balancer = Balancer(config.load(conf))
+    balancer.start()
+    try:
+        yield balancer
+    finally:
+        balancer.stop(timeout=1)
+
+
 def echo_once(url, text="hi", **options):
     ws = ws_connect(url + "/glb/echo", **options)
     ws.send(text)
@@ -216,36 +231,33 @@ def echo_once(url, text="hi", **options):
 @pytest.mark.timeout(30)
 def test_reload_binds_added_listeners_and_closes_removed_ones_whose_sessions_continue(tmp_path):
     conf = tmp_path / "glb.ini"
-    conf.write_text("[glb]\nlisten = 127.0.0.1:0\n[handlers]\nmodules =\n")
-    balancer = Balancer(config.load(conf))
-    balancer.start()
-    busy = socket.create_server(("127.0.0.3", 0))
-    try:
-        (first_port,) = [port for _, port in balancer.addresses]
-        on_first = echo_once(f"ws://127.0.0.1:{first_port}")
-        conf.write_text("[glb]\nlisten = 127.0.0.1:0, 127.0.0.2:0\n[handlers]\nmodules =\n")
-        changes = balancer.reload()
-        assert changes.listeners_added == ["http://127.0.0.2:0"]
-        assert dict(balancer.addresses)["127.0.0.1"] == first_port  # a port-0 listener keeps its port
-        second_port = dict(balancer.addresses)["127.0.0.2"]
-        echo_once(f"ws://127.0.0.2:{second_port}").close()
-        # a port in use refuses the whole reload: nothing changes
-        conf.write_text(f"[glb]\nlisten = 127.0.0.2:0, 127.0.0.3:{busy.getsockname()[1]}\n"
-                        "[handlers]\nmodules =\n")
-        with pytest.raises(OSError, match="cannot listen on http://127.0.0.3"):
-            balancer.reload()
-        assert sorted(balancer.addresses) == [("127.0.0.1", first_port), ("127.0.0.2", second_port)]
-        conf.write_text("[glb]\nlisten = 127.0.0.2:0\n[handlers]\nmodules =\n")
-        assert balancer.reload().listeners_removed == ["http://127.0.0.1:0"]
-        assert balancer.addresses == [("127.0.0.2", second_port)]
-        with pytest.raises(ConnectionRefusedError):
-            socket.create_connection(("127.0.0.1", first_port), timeout=5)
-        on_first.send("still here")  # accepted by the removed listener, relayed as before
-        assert on_first.recv() == "still here"
-        on_first.close()
-    finally:
-        busy.close()
-        balancer.stop(timeout=1)
+    with glb_from_file(conf) as balancer:
+        busy = socket.create_server(("127.0.0.3", 0))
+        try:
+            (first_port,) = [port for _, port in balancer.addresses]
+            on_first = echo_once(f"ws://127.0.0.1:{first_port}")
+            conf.write_text("[glb]\nlisten = 127.0.0.1:0, 127.0.0.2:0\n[handlers]\nmodules =\n")
+            changes = balancer.reload()
+            assert changes.listeners_added == ["http://127.0.0.2:0"]
+            assert dict(balancer.addresses)["127.0.0.1"] == first_port  # a port-0 listener keeps its port
+            second_port = dict(balancer.addresses)["127.0.0.2"]
+            echo_once(f"ws://127.0.0.2:{second_port}").close()
+            # a port in use refuses the whole reload: nothing changes
+            conf.write_text(f"[glb]\nlisten = 127.0.0.2:0, 127.0.0.3:{busy.getsockname()[1]}\n"
+                            "[handlers]\nmodules =\n")
+            with pytest.raises(OSError, match="cannot listen on http://127.0.0.3"):
+                balancer.reload()
+            assert sorted(balancer.addresses) == [("127.0.0.1", first_port), ("127.0.0.2", second_port)]
+            conf.write_text("[glb]\nlisten = 127.0.0.2:0\n[handlers]\nmodules =\n")
+            assert balancer.reload().listeners_removed == ["http://127.0.0.1:0"]
+            assert balancer.addresses == [("127.0.0.2", second_port)]
+            with pytest.raises(ConnectionRefusedError):
+                socket.create_connection(("127.0.0.1", first_port), timeout=5)
+            on_first.send("still here")  # accepted by the removed listener, relayed as before
+            assert on_first.recv() == "still here"
+            on_first.close()
+        finally:
+            busy.close()
 
 
 @pytest.mark.timeout(30)
@@ -255,11 +267,9 @@ def test_reload_gives_new_tls_handshakes_the_renewed_certificate_and_leaves_open
     shutil.copy(first.certfile, live_cert)
     shutil.copy(first.keyfile, live_key)
     conf = tmp_path / "glb.ini"
-    conf.write_text("[glb]\nlisten = 127.0.0.1:0\n[handlers]\nmodules =\n"
-                    "[tls]\nlisten = 127.0.0.1:0\ncertfile = live-cert.pem\nkeyfile = live-key.pem\n")
-    balancer = Balancer(config.load(conf))
-    balancer.start()
-    try:
+    text = ("[glb]\nlisten = 127.0.0.1:0\n[handlers]\nmodules =\n"
+            "[tls]\nlisten = 127.0.0.1:0\ncertfile = live-cert.pem\nkeyfile = live-key.pem\n")
+    with glb_from_file(conf, text) as balancer:
         url = f"wss://127.0.0.1:{balancer.tls_addresses[0][1]}"
         opened_before = echo_once(url, sslopt={"context": first.client_context()})
         shutil.copy(second.certfile, live_cert)  # renewed on disk; the config is the same
@@ -271,19 +281,14 @@ def test_reload_gives_new_tls_handshakes_the_renewed_certificate_and_leaves_open
         opened_before.send("still here")
         assert opened_before.recv() == "still here"
         opened_before.close()
-    finally:
-        balancer.stop(timeout=1)
 
 
 @pytest.mark.timeout(30)
 def test_reload_moves_glb_endpoints_to_a_new_prefix_swaps_the_policy_and_calls_reload_hooks(tmp_path):
     conf = tmp_path / "glb.ini"
-    conf.write_text("[glb]\nlisten = 127.0.0.1:0\n[handlers]\nmodules =\n")
-    balancer = Balancer(config.load(conf))
-    balancer.start()
-    calls = []
-    balancer.reload_hooks.append(lambda old, new: calls.append((old.glb.prefix, new.glb.prefix)))
-    try:
+    with glb_from_file(conf) as balancer:
+        calls = []
+        balancer.reload_hooks.append(lambda old, new: calls.append((old.glb.prefix, new.glb.prefix)))
         url = f"ws://127.0.0.1:{balancer.addresses[0][1]}"
         conf.write_text("[glb]\nlisten = 127.0.0.1:0\nprefix = /lb/\nbalancing = round_robin\n"
                         "[handlers]\nmodules =\n")
@@ -297,5 +302,43 @@ def test_reload_moves_glb_endpoints_to_a_new_prefix_swaps_the_policy_and_calls_r
         ws.close()
         with pytest.raises(websocket.WebSocketBadStatusException):
             ws_connect(url + "/lb/nothing-here")  # under the new prefix: glb's, so 404, not relayed
-    finally:
-        balancer.stop(timeout=1)
+
+
+@pytest.mark.timeout(60)
+def test_admin_api_and_ctl_reload_like_sighup(tmp_path):
+    conf = tmp_path / "glb.ini"
+    with glb_from_file(conf) as balancer:
+        url = f"http://127.0.0.1:{balancer.addresses[0][1]}"
+        conf.write_text("[glb]\nlisten = 127.0.0.1:0\nidle_timeout = 30\n[handlers]\nmodules =\n")
+        answer = requests.post(url + "/glb/admin/reload", timeout=10)
+        assert answer.status_code == 200 and answer.json()["settings"] == ["glb.idle_timeout"]
+        assert balancer.settings.glb.idle_timeout == 30
+        conf.write_text("[glb]\nlisten = 127.0.0.1:0\nidle_timeout = soon\n")
+        refused = requests.post(url + "/glb/admin/reload", timeout=10)
+        assert refused.status_code == 409 and "key 'idle_timeout'" in refused.json()["error"]
+        assert balancer.settings.glb.idle_timeout == 30
+        conf.write_text("[glb]\nlisten = 127.0.0.1:0\nidle_timeout = 0\n[handlers]\nmodules =\n")
+        ctl = subprocess.run([sys.executable, "-m", "glb.ctl", url, "reload"], capture_output=True, text=True,
+                             timeout=30, cwd=GlbProcess.ROOT)
+        assert ctl.returncode == 0, ctl.stderr
+        assert ctl.stdout.startswith(f"reloaded {conf}: settings glb.idle_timeout")
+        assert balancer.settings.glb.idle_timeout == 0
+
+
+@pytest.mark.timeout(30)
+def test_reload_applies_new_limits_to_new_handshakes(tmp_path):
+    conf = tmp_path / "glb.ini"
+    with glb_from_file(conf) as balancer:
+        url = f"ws://127.0.0.1:{balancer.addresses[0][1]}/glb/echo"
+        opened = ws_connect(url, origin="https://other.example")
+        conf.write_text("[glb]\nlisten = 127.0.0.1:0\nallowed_origins = https://app.example\n"
+                        "max_connections_per_ip = 3\n[handlers]\nmodules =\n")
+        balancer.reload()
+        with pytest.raises(websocket.WebSocketBadStatusException) as refused:
+            ws_connect(url, origin="https://other.example")
+        assert refused.value.status_code == 403
+        ws_connect(url, origin="https://app.example").close()
+        assert balancer.admission.limits.max_per_ip == 3
+        opened.send("admitted before the reload")  # limits apply to new handshakes only
+        assert opened.recv() == "admitted before the reload"
+        opened.close()

@@ -4,8 +4,14 @@ Listed under ``[handlers] modules``; loaded and checked at start-up (and by
 ``--check``). A function named ``on_<x>`` that matches no event is a warning
 naming it, so a typo never silently does nothing.
 
+A module that takes settings defines ``configure(section)``: it is called once
+per Balancer with the module's settings (the config section named after the
+module, declared in ``glb.config`` like every other setting; None when it has
+none) and returns the object whose ``on_<event>`` methods are the handlers.
+Several balancers in one process each get their own object.
+
 On reload the listed modules are imported afresh from their source (the
-modules they import are not): ``import_handlers(..., fresh=True)`` builds the
+modules they import are not): ``Handlers(..., fresh=True)`` builds the
 new module objects without touching the running ones, and only once every
 module has loaded does ``swap_handlers`` replace the old receivers with the new
 ones, in one step with no yield in between.
@@ -22,22 +28,37 @@ from glb.events import EVENT_NAMES
 PREFIX = "on_"
 
 
-def inspect_module(module_name, fresh=False):
+def inspect_module(module_name, settings=None, fresh=False):
     """Import one handler module; return ``(module, {event: func}, [warnings])``.
 
-    ``fresh``: execute the module's current source into a new module object
-    (not yet in ``sys.modules``), whether or not it was imported before.
+    For a module with ``configure``, the functions are those of the object it returns
+    for ``settings`` (its section of a ``glb.config.Settings``; defaults when None).
+    ``fresh``: execute the module's current source into a new module object (not yet
+    in ``sys.modules``), whether or not it was imported before.
     """
     try:
         module = _import_fresh(module_name) if fresh else importlib.import_module(module_name)
     except Exception as exc:
         raise HandlerLoadError(f"handler module {module_name!r} cannot be imported: "
                                f"{type(exc).__name__}: {exc}") from exc
+    source = module
+    configure = getattr(module, "configure", None)
+    if configure is not None:
+        if settings is None:
+            from glb.config import Settings
+            settings = Settings.defaults()
+        try:
+            source = configure(settings.handler_settings(module_name))
+        except Exception as exc:
+            raise HandlerLoadError(f"handler module {module_name!r}: configure() failed: "
+                                   f"{type(exc).__name__}: {exc}") from exc
     functions, warnings = {}, []
-    for attr in sorted(vars(module)):
+    for attr in sorted(dir(source) if source is not module else vars(module)):
         if not attr.startswith(PREFIX):
             continue
-        func = getattr(module, attr)
+        func = getattr(source, attr)
+        if func is None:  # a configured object turned this handler off
+            continue
         event = attr[len(PREFIX):]
         if event not in EVENT_NAMES:
             warnings.append(f"handler module {module_name!r}: {attr} matches no event "
@@ -78,15 +99,16 @@ class _SourceOnlyLoader(importlib.machinery.SourceFileLoader):
 
 
 class Handlers:
-    """Handler functions imported from the listed modules, not yet connected to any bus."""
+    """Handler functions imported from the listed modules (configured with ``settings``),
+    not yet connected to any bus."""
 
-    def __init__(self, module_names, fresh=False):
+    def __init__(self, module_names, settings=None, fresh=False):
         self.module_names = list(module_names)
         self.modules = {}  # name -> module object
         self.functions = []  # (module name, event, function), in load order
         self.warnings = []
         for name in self.module_names:
-            module, functions, warnings = inspect_module(name, fresh=fresh)
+            module, functions, warnings = inspect_module(name, settings, fresh=fresh)
             self.modules[name] = module
             self.warnings.extend(warnings)
             self.functions.extend((name, event, func) for event, func in functions.items())
@@ -112,12 +134,12 @@ def swap_handlers(bus, old_receivers, handlers):
     return new_receivers
 
 
-def load_handlers(module_names, bus):
+def load_handlers(module_names, bus, settings=None):
     """Connect every listed module's handlers to ``bus``; return the warnings to log."""
-    return load_handler_receivers(module_names, bus)[1]
+    return load_handler_receivers(module_names, bus, settings)[1]
 
 
-def load_handler_receivers(module_names, bus):
+def load_handler_receivers(module_names, bus, settings=None):
     """Connect every listed module's handlers to ``bus``; ``(receivers, warnings)``."""
-    handlers = Handlers(module_names)
+    handlers = Handlers(module_names, settings)
     return handlers.connect(bus), handlers.warnings
