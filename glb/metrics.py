@@ -69,6 +69,10 @@ METRICS = (
     Metric("glb_broadcast_dropped_total", "counter", (),
            "Copies of broadcast envelopes dropped because a backend's control channel queue was full."),
     Metric("glb_event_handler_errors_total", "counter", ("event",), "Handler calls that raised, by event."),
+    Metric("glb_config_reloads_total", "counter", ("result",),
+           "Config reloads (SIGHUP, admin API), by result: applied, or refused (the running config stayed)."),
+    Metric("glb_config_last_reload_successful", "gauge", (),
+           "0 when the last reload was refused, so the running config is not the one on disk; else 1."),
 )
 
 _FAMILY = {"gauge": GaugeMetricFamily, "counter": CounterMetricFamily, "info": InfoMetricFamily}
@@ -136,6 +140,9 @@ class BalancerCollector:
             f[metric].add_metric([], histogram.cumulative(), histogram.sum)
         f["glb_broadcast_envelopes_total"].add_metric([], stats.broadcast_envelopes)
         f["glb_broadcast_dropped_total"].add_metric([], stats.broadcast_dropped)
+        for result in ("applied", "refused"):
+            f["glb_config_reloads_total"].add_metric([result], stats.reloads[result])
+        f["glb_config_last_reload_successful"].add_metric([], 1 if stats.last_reload_ok else 0)
         for event, count in sorted(balancer.bus.handler_errors.items()):
             if count:
                 f["glb_event_handler_errors_total"].add_metric([event], count)

@@ -228,7 +228,11 @@ def reload_and_log(balancer, path=None):
     except (ConfigError, HandlerLoadError, OSError) as exc:
         reason = f"glb: {exc}"
         log.error("! reload refused; still running the previous config: %s", reason)
+        balancer.stats.reloads["refused"] += 1
+        balancer.stats.last_reload_ok = False
         return None, reason
+    balancer.stats.reloads["applied"] += 1
+    balancer.stats.last_reload_ok = True
     logging.getLogger().setLevel(balancer.settings.glb.log_level.upper())
     log.info("= reloaded %s: %s", path, changes.describe())
     return changes, None
