@@ -24,11 +24,11 @@ Draining backends get envelopes: DRAINING only stops *new* clients from being pa
 with a backend, its existing clients stay connected for as long as the drain takes,
 and a chat room or price feed must keep reaching them meanwhile.
 
-``write_data(id, message)`` resolves ``id`` among glb's own connection ids
-(``Connection.id``) first: a client session gets the message between two relayed
-frames (``ClientSession.send_to_client``), a control channel through its Outbox, any
-other own session directly. Any other id is a backend's client id: a text envelope
-with ``guid=<id>`` (a binary one with target ``<id>``) goes to every ready backend,
+Two namespaces, never mixed: ``write_data(id, message)`` addresses glb's own connections
+(``Connection.id``): a client session gets the message between two relayed frames
+(``ClientSession.send_to_client``), a control channel through its Outbox, any other own
+session directly. ``write_backend_client(id, message)`` addresses a backend's client: a text
+envelope with ``guid=<id>`` (a binary one with target ``<id>``) goes to every ready backend,
 and the backend holding that client delivers it.
 """
 
@@ -172,21 +172,17 @@ def broadcast(balancer, message, channel="", protocol="", include="", exclude=""
 
 
 def write_data(balancer, connection_id, message):
-    """Send ``message`` (str or bytes) to one connection; how many places it went (0: nowhere).
+    """Send ``message`` (str or bytes) to one of glb's own connections (``Connection.id``); 1 if written.
 
-    1 for one of glb's own connections (a client session, a control channel, an own
-    session); for any other id, the number of ready backends the addressed envelope was
-    queued for (only the backend holding that client delivers it). 0 when the connection
-    is closed, its relayed stream stayed mid-frame for relay.SEND_BETWEEN_TIMEOUT, its Outbox
-    is full, or no backend is ready.
+    Only glb's ids: a backend's client ids are another namespace (``write_backend_client``), so
+    a backend whose client ids look like glb's can never receive or divert glb's messages.
+    0 when there is no such connection, it is closed, its relayed stream stayed mid-frame for
+    relay.SEND_BETWEEN_TIMEOUT, or its Outbox is full.
     """
     conn = balancer.connections.get(connection_id)
     if conn is None:
-        if isinstance(message, str):
-            envelope = control_records.encode_text_envelope(message, guid=connection_id)
-        else:
-            envelope = control_records.encode_binary_envelope(connection_id, message)
-        return fan_out(balancer, envelope)
+        log.debug("! write_data: no connection %s", connection_id)
+        return 0
     try:
         written = conn.send(message)
     except ConnectionClosed as exc:
@@ -195,6 +191,19 @@ def write_data(balancer, connection_id, message):
     if not written:
         log.debug("! %s write_data: not written", conn.id)
     return int(written)
+
+
+def write_backend_client(balancer, client_id, message):
+    """Send ``message`` to the client ``client_id`` of whichever backend holds it; how many backends took it.
+
+    An addressed envelope (text: ``guid=<id>``; binary: target ``<id>``) goes to every ready
+    backend, and the backend holding that client delivers it. 0 when no backend is ready.
+    """
+    if isinstance(message, str):
+        envelope = control_records.encode_text_envelope(message, guid=client_id)
+    else:
+        envelope = control_records.encode_binary_envelope(client_id, message)
+    return fan_out(balancer, envelope)
 
 
 def ping(balancer):
