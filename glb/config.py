@@ -403,6 +403,9 @@ SETTINGS = (
     Setting("backends", "max_bindings", Int(min=1), "16",
             "Most bindings one backend may register; one more closes its channel with 1008 (a backend "
             "has a few listeners; thousands is a bug to see at once)."),
+    Setting("backends", "max_outbox_bytes", Int(min=65536), "33554432",
+            "Bytes of broadcast envelopes queued for one control channel; a backend that falls further "
+            "behind is closed with 1008 \"slow consumer\" (one envelope of any size fits an empty queue)."),
     Setting("backends", "verify", Bool(), "true",
             "Verify the TLS certificates of wss:// and https:// backends."),
     Setting("backends", "cafile", FilePath(), "",

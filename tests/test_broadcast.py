@@ -226,9 +226,8 @@ def test_draining_backends_get_envelopes_and_not_yet_ready_ones_do_not():
 
 
 def test_a_backend_that_does_not_read_is_closed_1008_without_stalling_the_others(monkeypatch):
-    monkeypatch.setattr(broadcast, "OUTBOX_SIZE", 4)
     monkeypatch.setattr(broadcast, "CLOSE_WAIT", 0.2)  # its write is stuck: no close frame gets through
-    with running_glb() as glb:
+    with running_glb(backends={"max_outbox_bytes": 4 << 20}) as glb:
         seen = Recorder(glb, "server_ready", "error", "server_disconnect")
         sender = register(glb, "sender", 9001, seen)
         other = register(glb, "other", 9002, seen)
@@ -447,3 +446,18 @@ def test_a_backend_client_id_that_looks_like_a_glb_id_never_diverts_glbs_message
         assert echo.recv() == "marker"
         echo.close()
         control.close()
+
+
+def test_the_outbox_of_a_stuck_channel_is_bounded_in_bytes_not_frames(monkeypatch):
+    monkeypatch.setattr(broadcast, "CLOSE_WAIT", 0.2)
+    with running_glb() as glb:  # the default bound: 32 MiB
+        seen = Recorder(glb, "server_ready", "server_disconnect")
+        stuck = register(glb, "stuck", 9003, seen)  # never reads
+        outbox = glb.control_channels["stuck"].outbox
+        payload = "x" * (1 << 20)
+        taken = [glb.broadcast(payload) for _ in range(64)]  # 64 MiB, queued before the writer runs
+        assert taken[:31] == [1] * 31 and taken[-1] == 0  # 31 fit (each a little over 1 MiB); not 64
+        assert outbox.queued_bytes <= 32 << 20
+        gone = seen.wait("server_disconnect", timeout=10)[0]
+        assert gone.backend.guid == "stuck" and gone.code == CloseCode.POLICY_VIOLATION
+        stuck.abort()
