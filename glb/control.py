@@ -187,6 +187,9 @@ class ControlSession(OwnSession):
     def run(self):
         ws = self.conn.websocket
         ws.send_timeout = self.balancer.settings.glb.send_timeout  # a backend that reads nothing is dropped
+        # Out of the pool as soon as the channel starts closing (1009, slow consumer, ...), not
+        # when the peer finally lets go of TCP: its guid may register again at once.
+        ws.on_closing = self._leave
         bus = self.bus
         self.outbox = broadcast.Outbox(self.balancer, self.conn).start()
         try:
