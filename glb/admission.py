@@ -27,6 +27,8 @@ import os
 import resource
 import socket
 
+from gevent.monkey import get_original
+
 from glb.connection import CONTROL
 from glb.errors import CloseCode, Status
 from glb.handshake import Rejection
@@ -39,6 +41,9 @@ FD_RESERVE = 64  # descriptors kept out of the derived max_connections: logs, li
 REFUSAL_WAIT = 1.0  # seconds a refused connection gets to send its request head before the 503
 TOO_MANY_REQUESTS = "429 Too Many Requests"  # (glb's Status has no 429)
 OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+# The spare descriptor must be free before the next accept: gevent's patched os.close may
+# defer the close to the hub, so the stdlib's is used for it.
+_close_now = get_original("os", "close")
 
 
 def raise_fd_limit():
@@ -88,7 +93,7 @@ class Admission:
 
     def stop(self):
         if self._reserve is not None:
-            os.close(self._reserve)
+            _close_now(self._reserve)
             self._reserve = None
 
     def guard(self, server):
@@ -111,11 +116,8 @@ class Admission:
             if reason is None:
                 self._counted[sock] = ip
                 return handle(sock, address)
-            self.balancer.report_error(None, f"connection from {ip} refused: {reason}")
-            if tls:
-                sock.close()
-            else:
-                self.balancer.sessions.spawn(_answer_503, sock, reason)
+            # Out of the hub (handlers run on the error event), bounded by REFUSAL_WAIT.
+            self.balancer.sessions.spawn(self._refuse, sock, ip, reason, tls)
 
         def do_close(sock, *args):
             ip = self._counted.pop(sock, None)
@@ -125,17 +127,24 @@ class Admission:
 
         server.do_read, server.do_handle, server.do_close = do_read, do_handle, do_close
 
+    def _refuse(self, sock, ip, reason, tls):
+        self.balancer.report_error(None, f"connection from {ip} refused: {reason}")
+        if tls:  # no plaintext answer before a TLS handshake
+            sock.close()
+        else:
+            _answer_503(sock, reason)
+
     def _shed(self, server, exc):
         """Out of descriptors: accept one pending connection on the spare one and close it."""
-        self.balancer.report_error(None, f"out of file descriptors ({exc.strerror}); "
-                                         "closing a new connection at once")
+        self.balancer.sessions.spawn(self.balancer.report_error, None, f"out of file descriptors "
+                                     f"({exc.strerror}); a new connection was closed at once")
         if self._reserve is None:
             return
-        os.close(self._reserve)
+        _close_now(self._reserve)
         self._reserve = None
         try:
             fd, _ = server.socket._accept()
-            os.close(fd)
+            _close_now(fd)
         except OSError:
             pass
         finally:
