@@ -31,6 +31,7 @@ import logging
 import os
 import socket
 import ssl
+import time
 from urllib.parse import urlsplit
 
 import gevent
@@ -106,7 +107,7 @@ class WebSocket:
     __slots__ = ("_sock", "server_side", "connection", "auto_pong", "send_timeout", "close_timeout",
                  "_mask", "_reader", "_write_lock", "_plain", "_drained", "_turn", "_reading", "_changed",
                  "_close_sent", "_close_received", "_sock_closed", "_closed_by", "_close_code",
-                 "_close_reason", "on_closing")
+                 "_close_reason", "on_closing", "last_pong")
 
     def __init__(self, sock, *, server_side, max_message_size=DEFAULT_MAX_MESSAGE_SIZE,
                  initial=b"", connection=None, auto_pong=True, send_timeout=None,
@@ -136,6 +137,7 @@ class WebSocket:
         # Called once, with no arguments, the moment closing begins (whoever began it), before
         # any wait for the peer: an owner that must let go of shared state does it here.
         self.on_closing = None
+        self.last_pong = 0.0  # monotonic time the last pong was received (heartbeats read it)
 
     def __repr__(self):
         side = "server" if self.server_side else "client"
@@ -232,6 +234,8 @@ class WebSocket:
         if frame.opcode == OP_PING:
             if self.auto_pong:
                 self._send_quietly(encode_frame(OP_PONG, frame.payload, mask=self._mask))
+        elif frame.opcode == OP_PONG:
+            self.last_pong = time.monotonic()
         elif frame.opcode == OP_CLOSE:
             self._on_peer_close(frame.payload)
         return frame
