@@ -32,7 +32,8 @@ from gevent.monkey import get_original
 from glb.connection import CONTROL
 from glb.errors import CloseCode, Status
 from glb.handshake import Rejection
-from glb.limits import ConnectionLimits, HandshakeRate, client_key, origin_allowed
+from glb.limits import (TOO_MANY, TOO_MANY_FROM_IP, ConnectionLimits, HandshakeRate, client_key,
+                        origin_allowed)
 from glb.own_sessions import OwnSession
 
 log = logging.getLogger("glb.admission")
@@ -44,6 +45,7 @@ OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 # The spare descriptor must be free before the next accept: gevent's patched os.close may
 # defer the close to the hub, so the stdlib's is used for it.
 _close_now = get_original("os", "close")
+REFUSAL_LABELS = {TOO_MANY: "max_connections", TOO_MANY_FROM_IP: "max_connections_per_ip"}
 
 
 def raise_fd_limit():
@@ -81,6 +83,7 @@ class Admission:
         self._counted = {}  # accepted socket -> address, while its listener's handler runs
         self._held = {}  # connection id -> address, for sessions that outlived their handler
         self._reserve = None  # a spare descriptor, given up to shed a connection when none are left
+        self.refused = {}  # metric label -> connections refused as they were accepted (glb.metrics)
 
     def start(self):
         """At start-up: raise the descriptor limit, settle max_connections, keep a spare descriptor."""
@@ -127,7 +130,11 @@ class Admission:
 
         server.do_read, server.do_handle, server.do_close = do_read, do_handle, do_close
 
+    def _count(self, label):
+        self.refused[label] = self.refused.get(label, 0) + 1
+
     def _refuse(self, sock, ip, reason, tls):
+        self._count(REFUSAL_LABELS[reason])
         self.balancer.report_error(None, f"connection from {ip} refused: {reason}")
         if tls:  # no plaintext answer before a TLS handshake
             sock.close()
@@ -136,6 +143,7 @@ class Admission:
 
     def _shed(self, server, exc):
         """Out of descriptors: accept one pending connection on the spare one and close it."""
+        self._count("out_of_descriptors")
         self.balancer.sessions.spawn(self.balancer.report_error, None, f"out of file descriptors "
                                      f"({exc.strerror}); a new connection was closed at once")
         if self._reserve is None:

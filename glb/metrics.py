@@ -58,6 +58,9 @@ METRICS = (
     Metric("glb_ws_closes_total", "counter", ("code", "closed_by"),
            "Client sessions ended, by close code and by who closed (client, backend, glb)."),
     Metric("glb_session_duration_seconds", "histogram", (), "How long client sessions lasted."),
+    Metric("glb_connections_refused_total", "counter", ("reason",),
+           "Connections closed as they were accepted: over max_connections, over "
+           "max_connections_per_ip, or glb out of file descriptors."),
     Metric("glb_handshake_rejections_total", "counter", ("status",),
            "WebSocket upgrades answered with an HTTP error instead of 101, by status."),
     Metric("glb_http_requests_total", "counter", ("backend", "code"),
@@ -125,6 +128,8 @@ class BalancerCollector:
                 f["glb_ws_bytes_total"].add_metric([name, direction], figures.bytes(direction))
         for (code, closed_by), count in sorted(stats.closes.items()):
             f["glb_ws_closes_total"].add_metric([str(code), closed_by], count)
+        for reason, count in sorted(balancer.admission.refused.items()):
+            f["glb_connections_refused_total"].add_metric([reason], count)
         for status, count in sorted(stats.handshake_rejections.items()):
             f["glb_handshake_rejections_total"].add_metric([str(status)], count)
         for (name, code), count in sorted(stats.http_requests.items()):

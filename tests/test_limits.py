@@ -149,6 +149,13 @@ def test_max_connections_counts_plain_http_keep_alive_connections_too():
         status, third = upgrade(address)
         assert status == 503
         third.close()
+        second.sendall(b"GET /glb/metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        scraped = b""
+        while b'glb_connections_refused_total{reason="max_connections"}' not in scraped:
+            data = second.recv(65536)
+            assert data, "metrics ended without the refusal counter"
+            scraped += data
+        assert b'glb_connections_refused_total{reason="max_connections"} 1.0' in scraped
         first.close()
         wait_until(lambda: glb.admission.limits.total < 2)
         status, fourth = upgrade(address)
