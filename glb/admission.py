@@ -40,7 +40,6 @@ log = logging.getLogger("glb.admission")
 
 FD_RESERVE = 64  # descriptors kept out of the derived max_connections: logs, listeners, DNS, backends
 REFUSAL_WAIT = 1.0  # seconds a refused connection gets to send its request head before the 503
-TOO_MANY_REQUESTS = "429 Too Many Requests"  # (glb's Status has no 429)
 OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 # The spare descriptor must be free before the next accept: gevent's patched os.close may
 # defer the close to the hub, so the stdlib's is used for it.
@@ -51,16 +50,12 @@ REFUSAL_LABELS = {TOO_MANY: "max_connections", TOO_MANY_FROM_IP: "max_connection
 def raise_fd_limit():
     """Raise the soft RLIMIT_NOFILE to the hard limit; returns the soft limit now in force."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or soft == resource.RLIM_INFINITY:
-        wanted = hard if soft != resource.RLIM_INFINITY else soft
-    else:
-        wanted = hard
-    if wanted != soft:
+    if soft != hard:
         try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
-            soft = wanted
-        except (ValueError, OSError) as exc:
-            log.warning("! could not raise the file descriptor limit from %s to %s: %s", soft, wanted, exc)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as exc:  # an unlimited hard limit may be more than the kernel allows
+            log.warning("! could not raise the file descriptor limit from %s to %s: %s", soft, hard, exc)
     return soft
 
 
@@ -186,7 +181,8 @@ class Admission:
             self.balancer.report_error(conn, "handshake_rate_per_ip exceeded")
             if conn.kind == CONTROL:
                 return OverRate
-            return Rejection(TOO_MANY_REQUESTS, "too many handshakes; slow down", [("Retry-After", "1")])
+            return Rejection(Status.TOO_MANY_REQUESTS, "too many handshakes; slow down",
+                             [("Retry-After", "1")])
         return None
 
 
