@@ -28,6 +28,7 @@ import logging
 import time
 from urllib.parse import parse_qs, unquote
 
+from glb.config import REBALANCE_POLICIES
 from glb.connection import CLIENT
 from glb.control import bearer_token, json_response, peer_address
 from glb.errors import CloseCode, Status, is_sendable_close_code
@@ -272,6 +273,10 @@ class AdminApi:
     # -- rebalancing and sessions -----------------------------------------------------------------
 
     def rebalance(self, data, query):
+        balancing = self.balancer.settings.glb.balancing
+        if balancing not in REBALANCE_POLICIES:
+            raise ApiError(Status.CONFLICT, f"rebalancing needs balancing = least_connections or p2c, not {balancing}: "
+                           "moved clients would not be sent to the emptier backends")
         rebalancer = self.balancer.rebalancer
         moves, chosen, short, _ = rebalancer.plan()
         rebalancer.trigger()

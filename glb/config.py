@@ -494,6 +494,11 @@ for _setting in SETTINGS:
 del _setting
 
 
+# Policies that send a reconnecting client to the emptiest backend, as rebalancing needs. The
+# others would send a moved client back (hash) or anywhere (random, round robin): churn.
+REBALANCE_POLICIES = ("least_connections", "p2c")
+
+
 def cross_checks(settings):
     """Problems no single value shows, as (section, key, reason); the first one found is raised."""
     tls, backends = settings.tls, settings.backends
@@ -527,6 +532,9 @@ def cross_checks(settings):
                 ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(values.cafile)
             except (ssl.SSLError, OSError) as exc:
                 yield section, "cafile", f"not a usable CA bundle: {_ssl_reason(exc)}"
+    if settings.glb.rebalance and settings.glb.balancing not in REBALANCE_POLICIES:
+        yield "glb", "rebalance", (f"needs balancing = least_connections or p2c: with {settings.glb.balancing}, "
+                                   "moved clients would not be sent to the emptier backends")
     seen_urls = {}
     for backend in settings.backends_static:
         if backend.url in seen_urls:

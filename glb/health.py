@@ -29,6 +29,7 @@ from gevent.pool import Group
 from glb.errors import CloseCode, ConnectionClosed, HandshakeFailed
 from glb.frames import OP_PING, encode_frame
 from glb.registry import GONE, UP
+from glb.spread import close_spread
 from glb.websocket import connect
 
 log = logging.getLogger("glb.health")
@@ -217,8 +218,9 @@ class HealthMonitor:
         session.leave_pool()
         self.group.spawn(_close_quietly, session.conn.websocket, CloseCode.INTERNAL_ERROR,
                          "heartbeat timeout")
-        for client in [s for s in self.balancer.client_sessions if s.backend is backend]:
-            client.close(CloseCode.BAD_GATEWAY, "backend not responding")
+        clients = [s.conn for s in list(self.balancer.client_sessions) if s.backend is backend]
+        if clients:  # in a greenlet of its own: a slow client must not hold up the heartbeats
+            self.group.spawn(close_spread, clients, CloseCode.BAD_GATEWAY, "backend not responding", 0)
 
 
 def fall_text(fall):

@@ -175,3 +175,13 @@ def test_after_a_restart_clients_do_not_all_stay_on_the_first_backend_back():
             fleet.stop()
         for backend in backends:
             backend.stop(timeout=1)
+
+
+def test_rebalancing_needs_a_policy_that_sends_moved_clients_to_the_emptier_backends():
+    from glb.errors import ConfigError
+    from tests.support import make_settings
+    with pytest.raises(ConfigError, match=r"\[glb\], key 'rebalance': needs balancing = least_connections or p2c"):
+        make_settings(glb={"rebalance": "on", "balancing": "hash"})
+    with running_glb(glb={"balancing": "round_robin"}) as balancer:
+        answer = requests.post(base_url(balancer, "http") + "/glb/admin/rebalance", timeout=5)
+        assert answer.status_code == 409 and "least_connections" in answer.json()["error"]
