@@ -15,6 +15,7 @@ setup(
         "gevent-websocket==0.10.1",
         "requests>=2.31",
         "blinker>=1.7",
+        "prometheus_client>=0.20",
     ],
     entry_points={"console_scripts": ["glb = glb.__main__:main"]},
     classifiers=[

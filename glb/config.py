@@ -29,6 +29,7 @@ from typing import NamedTuple
 from urllib.parse import urlsplit
 
 from glb.errors import ConfigError
+from glb.limits import normalise_origin
 
 # --------------------------------------------------------------------------- types
 # A type turns the INI text of one value into a Python value, or raises
@@ -219,6 +220,33 @@ class Network(Type):
             raise ValueError(f"not an IP network or address: {text!r}") from None
 
 
+class Rate(Type):
+    """A number of events per second, >= 0 (0 = no limit)."""
+
+    name = "per second >= 0"
+
+    def parse(self, text, base_dir):
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError(f"expected a number per second, got {text!r}") from None
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"must be a finite number >= 0, got {text!r}")
+        return value
+
+
+class Origin(Type):
+    """A browser origin, ``scheme://host[:port]``, kept normalised (lower case, default port dropped)."""
+
+    name = "origin"
+
+    def parse(self, text, base_dir):
+        origin = normalise_origin(text)
+        if origin is None:
+            raise ValueError(f"expected an origin like https://example.com or http://host:8080, got {text!r}")
+        return origin
+
+
 class DottedName(Type):
     name = "module name"
 
@@ -243,6 +271,25 @@ class FilePath(Type):
             raise ValueError(f"not a file: {path}")
         if not os.access(path, os.R_OK):
             raise ValueError(f"file not readable: {path}")
+        return path
+
+
+class OutputPath(Type):
+    """A file glb writes (created if missing) in a directory that must exist; empty means unset (None)."""
+
+    name = "file path (written)"
+
+    def parse(self, text, base_dir):
+        if not text:
+            return None
+        path = os.path.normpath(os.path.join(base_dir, os.path.expanduser(text)))
+        directory = os.path.dirname(path)
+        if os.path.isdir(path):
+            raise ValueError(f"is a directory, not a file: {path}")
+        if not os.path.isdir(directory):
+            raise ValueError(f"directory not found: {directory}")
+        if not os.access(path if os.path.exists(path) else directory, os.W_OK):
+            raise ValueError(f"not writable: {path}")
         return path
 
 
@@ -346,6 +393,9 @@ SECTIONS = {
     "tls": "TLS for clients (https:// and wss://); off unless `listen` is set.",
     "demo": "In-process demo backends, for trying glb out; delete in real deployments.",
     "admin": "Who may call the admin API under `<prefix>admin/` (drain, weights, rebalancing, sessions).",
+    # A handler module's settings live in a section named after the module (used when it is listed).
+    "glb.handlers.access_log": "The bundled access log: one line per ended WebSocket and per HTTP request, "
+                               "to the `glb.access` logger or a file of its own.",
     PATTERN: "A static backend, configured here instead of registering over the control channel. "
              "Zero or more; NAME is unique and made of letters, digits, `.`, `_` and `-`.",
 }
@@ -381,6 +431,20 @@ SETTINGS = (
             "Other backends tried for a new session when the chosen one cannot be reached."),
     Setting("glb", "shutdown_timeout", Seconds(), "10",
             "On SIGINT or SIGTERM, how long open sessions get to close before they are cut."),
+    Setting("glb", "max_connections", Int(min=0), "0",
+            "Most open connections (HTTP and WebSocket, control channels included); a new one beyond "
+            "it gets 503 and an `error` event. 0 = half the file descriptor limit (raised to the hard "
+            "limit at start-up) less a reserve, since a relayed session holds two descriptors."),
+    Setting("glb", "max_connections_per_ip", Int(min=0), "0",
+            "Most open connections from one client address, as max_connections (0 = no cap)."),
+    Setting("glb", "allowed_origins", List(Origin(), name="origin list"), "",
+            "Origins (`https://app.example.com`) whose pages may open WebSockets; any other `Origin` "
+            "gets 403. Requests without `Origin` (not from a browser) pass. Empty = any origin."),
+    Setting("glb", "handshake_rate_per_ip", Rate(), "0",
+            "WebSocket handshakes (sessions and control channels) one address may start per second, "
+            "on average; beyond it 429, or close 1008 for a control channel (0 = no limit)."),
+    Setting("glb", "handshake_burst_per_ip", Int(min=1), "20",
+            "Handshakes one address may start at once before handshake_rate_per_ip applies."),
     Setting("glb", "rebalance", Bool(), "off",
             "When the pool changes, close sessions (1012) on backends above their weighted share "
             "so their clients reconnect to the others."),
@@ -400,6 +464,13 @@ SETTINGS = (
             "When set, control channels must send `Authorization: Bearer <token>`."),
     Setting("backends", "allow", List(Network(), name="network list"), "127.0.0.0/8, ::1/128",
             "Networks whose control channels need no token."),
+    Setting("backends", "max_clients_reported", Int(min=1), "100000",
+            "Most client records one backend may report; beyond it further `active` records are dropped "
+            "(one `error` event per channel) and its count stays at the cap, so a backend that grew "
+            "popular is never taken out of the pool."),
+    Setting("backends", "max_bindings", Int(min=1), "16",
+            "Most bindings one backend may register; one more closes its channel with 1008 (a backend "
+            "has a few listeners; thousands is a bug to see at once)."),
     Setting("backends", "verify", Bool(), "true",
             "Verify the TLS certificates of wss:// and https:// backends."),
     Setting("backends", "cafile", FilePath(), "",
@@ -461,6 +532,13 @@ SETTINGS = (
             "When set, admin calls may send `Authorization: Bearer <token>` from any address."),
     Setting("admin", "allow", List(Network(), name="network list"), "127.0.0.0/8, ::1/128",
             "Networks whose admin calls need no token (empty = the token is always needed)."),
+    Setting("glb.handlers.access_log", "format", Choice("text", "json"), "text",
+            "`text`: one readable line each; `json`: one JSON object per line (JSON lines), same fields."),
+    Setting("glb.handlers.access_log", "file", OutputPath(), "",
+            "Append the lines, and nothing else, to this file (reopened when rotated away); "
+            "empty = the `glb.access` logger."),
+    Setting("glb.handlers.access_log", "http", Bool(), "true",
+            "Write a line per plain HTTP request too."),
 
     Setting(PATTERN, "url", Url("ws", "wss", root_only=True), REQUIRED,
             "WebSocket URL that sessions are relayed to.", example="ws://127.0.0.1:9001/"),
@@ -591,6 +669,10 @@ class Settings:
     demo: Section
     admin: Section
 
+    def handler_settings(self, module_name):
+        """The section named after a handler module, or None when glb declares none for it."""
+        return self.__dict__.get(module_name)
+
     def __init__(self, sections, backends_static=(), path=None):
         for name, values in sections.items():
             setattr(self, name, Section(name, values))
@@ -616,7 +698,7 @@ class Settings:
         return f"<Settings from {self.path or '<dict>'}>"
 
 
-assert set(Settings.__annotations__) == set(SECTIONS) - {PATTERN}
+assert set(Settings.__annotations__) == {name for name in SECTIONS if name != PATTERN and "." not in name}
 
 
 # --------------------------------------------------------------------------- loading
@@ -732,6 +814,10 @@ def _build(parser, file, base_dir, path):
             if isinstance(setting.type, Inherit) and getattr(backend, key) is None:
                 setattr(backend, key, sections[setting.type.section][key])
     settings = Settings(sections, static, path)
+    for section in parser.sections():
+        if "." in section and section in SECTIONS and section not in settings.handlers.modules:
+            raise ConfigError(f"settings of handler module {section}, which [handlers] modules does not list",
+                              file, section)
     for section, key, reason in cross_checks(settings):
         raise ConfigError(reason, file, section, key)
     return settings

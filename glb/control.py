@@ -165,6 +165,7 @@ class ControlSession(OwnSession):
         self.channels = control_channels(balancer)
         self.outbox = None  # glb.broadcast.Outbox while the channel runs: every frame glb sends on it
         self._left = False
+        self._dropping = False  # client records are being dropped (max_clients_reported)
 
     @classmethod
     def prepare(cls, balancer, conn, environ):
@@ -255,6 +256,12 @@ class ControlSession(OwnSession):
         if outcome == Outcome.REGISTERED:
             self.channels[backend.guid] = self
             log.info("< %s server data: guid %s weight %s", self.conn.id, backend.guid, backend.weight)
+        elif outcome == Outcome.CLIENT_DROPPED:
+            if not self._dropping:  # one error per channel, not one per record
+                self._dropping = True
+                self.balancer.report_error(
+                    self.conn, f"backend {backend.guid} reports more than {self.balancer.registry.max_clients_reported} "
+                    "clients (max_clients_reported); further client records are dropped")
         elif outcome == Outcome.READY:
             log.info("= %s backend %s ready: %s", self.conn.id, backend.guid,
                      ", ".join(b.netloc for b in backend.bindings) or "no bindings")

@@ -37,6 +37,7 @@ import errno
 import http
 import http.client
 import logging
+import time
 from collections.abc import Mapping
 from urllib.parse import quote, urlsplit
 
@@ -283,6 +284,7 @@ class HttpRequest:
                  stream=None, length=None, chunk_size=65536, buffer_limit=BUFFER_LIMIT):
         self.method, self.path, self.query, self.headers = method, path, query, headers
         self.peer_ip, self.scheme = peer_ip, scheme
+        self.started = time.monotonic()  # for the request's duration in metrics and the access log
         self._stream, self._length = stream, length  # length None + stream = chunked upload
         self._remaining = length
         self._chunk_size, self._buffer_limit = chunk_size, buffer_limit
@@ -408,6 +410,15 @@ class HttpResponse:
         self._body = value.encode("utf-8") if isinstance(value, str) else bytes(value or b"")
         self._prefix = ()
         self.release()
+
+    def body_length(self):
+        """Body bytes for the client: the buffered body's, else the backend's Content-Length (0 if unsaid)."""
+        if self._body is not None:
+            return len(self._body)
+        for name, value in header_items(self.headers):
+            if name.lower() == "content-length" and value.strip().isdigit():
+                return int(value)
+        return 0
 
     def release(self, no_body=False):
         """Give the backend connection back to the pool, or close it.
@@ -587,6 +598,8 @@ class HttpProxy:
                 failure = response.stream_failure
                 self.report(request, environ, f"http backend {_name(backend)}: {failure.text}")
                 response = HttpResponse.error(failure.kind)
+        self.balancer.stats.http_request(_name(backend), response.status,
+                                         time.monotonic() - request.started, response.body_length())
 
         def on_failure(failure):
             self.report(request, environ,

@@ -73,6 +73,7 @@ class Outcome:
     REGISTERED = "registered"  # server data accepted: the backend exists, state connecting
     BINDING = "binding"        # a binding was added (or was already known)
     CLIENT = "client"          # a client record updated the backend's client count
+    CLIENT_DROPPED = "client dropped"  # a client record over max_clients_reported, not kept
     READY = "ready"            # the backend became eligible: fire server_ready
     DRAIN = "drain"            # the backend asks to be drained (``Registration.last`` has the spread)
     UNDRAIN = "undrain"        # the backend asks to take new clients again
@@ -252,8 +253,8 @@ class Registration:
             self.registry._add_binding(self.backend, self._resolve(record))
             return Outcome.BINDING
         if isinstance(record, ClientRecord):
-            self.registry._client_record(self.backend, record)
-            return Outcome.CLIENT
+            kept = self.registry._client_record(self.backend, record)
+            return Outcome.CLIENT if kept else Outcome.CLIENT_DROPPED
         if isinstance(record, Drain):
             return Outcome.DRAIN  # the caller drains through glb.pool, which also closes sessions
         if isinstance(record, Undrain):
@@ -291,7 +292,10 @@ class Registration:
 class Registry:
     """Every live backend, by guid; the source of the candidate list."""
 
-    def __init__(self, max_fails=0, fail_timeout=10.0, slow_start=0.0):
+    def __init__(self, max_clients_reported=0, max_bindings=0, max_fails=0, fail_timeout=10.0,
+                 slow_start=0.0):
+        self.max_clients_reported = max_clients_reported  # per backend; 0 = no cap
+        self.max_bindings = max_bindings  # per backend; 0 = no cap
         self.max_fails, self.fail_timeout, self.slow_start = max_fails, fail_timeout, slow_start
         self._backends = {}
         self._candidates = None
@@ -385,17 +389,25 @@ class Registry:
 
     def _add_binding(self, backend, binding):
         if binding not in backend.bindings:
+            if self.max_bindings and len(backend.bindings) >= self.max_bindings:
+                raise RegistrationError(f"more than {self.max_bindings} bindings (max_bindings)")
             backend.bindings.append(binding)
             self._changed()
 
     def _client_record(self, backend, record):
+        """Apply a client record; False if it was dropped (a new client beyond max_clients_reported)."""
         was_full = backend.full
+        reported = backend.reported_clients
         if record.active:
-            backend.reported_clients[record.guid] = record
+            if self.max_clients_reported and len(reported) >= self.max_clients_reported \
+                    and record.guid not in reported:
+                return False
+            reported[record.guid] = record
         else:
-            backend.reported_clients.pop(record.guid, None)
+            reported.pop(record.guid, None)
         if backend.full != was_full:
             self._changed()
+        return True
 
     def _discard(self, backend):
         """Remove this very backend (not a newer one with the same guid)."""

@@ -17,8 +17,7 @@ class StatusEndpoint:
 
     def __call__(self, environ, start_response):
         balancer = self.balancer
-        refusal = authorize(balancer.settings.backends, environ.get("REMOTE_ADDR", ""),
-                            environ.get("HTTP_AUTHORIZATION"))
+        refusal = operator_refusal(balancer, environ)
         if refusal is not None:
             start_response(refusal.status, refusal.headers)
             return [refusal.body]
@@ -26,6 +25,14 @@ class StatusEndpoint:
             return json_response(start_response, Status.METHOD_NOT_ALLOWED, {"error": "use GET"},
                                  [("Allow", "GET")])
         return json_response(start_response, Status.OK, snapshot(balancer))
+
+
+def operator_refusal(balancer, environ):
+    """None when the peer may read glb's operator views (status, metrics, the status page), else a Rejection.
+
+    The rule is the control channel's: a peer inside ``[backends] allow``, or the bearer token.
+    """
+    return authorize(balancer.settings.backends, environ.get("REMOTE_ADDR", ""), environ.get("HTTP_AUTHORIZATION"))
 
 
 def snapshot(balancer):
