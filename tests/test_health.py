@@ -13,6 +13,7 @@ from tests.backends import started
 from tests.fleet import Fleet
 from tests.support import base_url, running_glb
 from tests.test_control import Recorder, open_channel
+from tests.test_metrics import scrape, value
 
 # -- socket-free -----------------------------------------------------------------------------------
 
@@ -95,6 +96,10 @@ def test_a_killed_static_backend_goes_out_after_fall_and_back_after_rise(slow_st
             assert down.backend is registered and registered.health == DOWN
             assert "2 checks failed" in registered.down_reason
             assert [b.name for b in balancer.registry.candidates()] == ["steady"]
+            samples = scrape(balancer)
+            assert value(samples, "glb_backend_healthy", backend="flaky") == 0
+            assert value(samples, "glb_backend_up", backend="flaky") == 0
+            assert value(samples, "glb_backend_up", backend="steady") == 1
             fleet = Fleet(base_url(balancer) + "/app", 10).start()  # meanwhile all go to steady
             try:
                 assert fleet.by_backend() == {"steady": 10}
@@ -164,6 +169,7 @@ def test_a_hung_registered_backend_is_evicted_and_its_clients_move():
                 gone = recorder.wait("server_disconnect", timeout=10)[0]
                 assert gone.backend.guid == "hung" and balancer.registry.get("hung") is None
                 assert balancer.health.evictions == 1
+                assert value(scrape(balancer), "glb_heartbeat_evictions_total") == 1
                 fleet.wait_for(lambda: fleet.by_backend() == {"healthy": 6}, 10, "clients on healthy")
                 assert {(c.code, c.backend) for c in fleet.closes()} == {(1014, "hung")}
                 assert len(recorder.of("client_disconnect", lambda e: e.code == 1014)) == 6

@@ -10,6 +10,7 @@ from glb.rebalance import choose_sessions, next_eligible, plan_moves
 from tests.fleet import Fleet
 from tests.support import base_url, running_glb
 from tests.test_control import Recorder
+from tests.test_metrics import scrape, value
 
 # -- plan_moves: how many sessions leave each backend ---------------------------------------------
 
@@ -115,6 +116,7 @@ def test_a_fourth_backend_gets_its_share_with_rebalance_on():
         assert relayed(balancer) == after
         status = requests.get(base_url(balancer, "http") + "/glb/status", timeout=5).json()
         assert status["rebalance_closes"] == expected_moves
+        assert value(scrape(balancer), "glb_rebalance_closes_total") == expected_moves
 
 
 @pytest.mark.timeout(40)
