@@ -3,6 +3,7 @@
 import socket
 
 import pytest
+import requests
 
 from glb import control_records as records
 from glb.balancing import slow_start_weight
@@ -176,3 +177,18 @@ def test_a_hung_registered_backend_is_evicted_and_its_clients_move():
             finally:
                 fleet.stop()
                 channel.abort()
+
+
+@pytest.mark.timeout(30)
+def test_failed_http_connects_count_too():
+    good = DemoBackend(guid="good")
+    with started(good):
+        with running_glb(glb={"balancing": "round_robin"},
+                         **{"backend:dead": {"url": f"ws://127.0.0.1:{closed_port()}", "max_fails": 2},
+                            "backend:good": {"url": f"ws://127.0.0.1:{good.port}"}}) as balancer:
+            recorder = Recorder(balancer, "server_disconnect")
+            for _ in range(4):  # round robin: every other GET tries dead first, then good answers
+                answer = requests.get(base_url(balancer, "http") + "/whoami", timeout=5)
+                assert answer.text == "good"
+            down = recorder.wait("server_disconnect")[0]
+            assert down.backend.name == "dead" and balancer.registry.get("dead").health == DOWN
