@@ -479,10 +479,12 @@ class Registry:
         """A connect or handshake to ``backend`` failed; True when it should now be ejected.
 
         ``max_fails`` failures within ``fail_timeout`` seconds (passive check): the caller
-        marks it down until ``now + fail_timeout``.
+        marks it down until ``now + fail_timeout``. The only candidate left is never ejected.
         """
         if not backend.max_fails or backend.health == DOWN or backend.state == GONE:
             return False
+        if self.candidates() == (backend,):
+            return False  # the last one left (nginx ignores max_fails for a lone server): 503 helps nobody
         now = time.monotonic() if now is None else now
         window = backend.fail_timeout
         failures = [t for t in backend.failures if now - t < window]

@@ -45,16 +45,25 @@ def test_parse_check():
 def test_passive_failures_within_the_window_eject():
     registry = Registry(max_fails=3, fail_timeout=10)
     registry.add_static("a", "ws://10.0.0.1:80")
-    backend = registry.get("a")
+    registry.add_static("b", "ws://10.0.0.2:80")
+    backend, other = registry.get("a"), registry.get("b")
     assert not registry.connect_failed(backend, now=100.0)
     assert not registry.connect_failed(backend, now=105.0)
     assert not registry.connect_failed(backend, now=111.0)  # the one at 100 is out of the window
     assert registry.connect_failed(backend, now=112.0)
     assert registry.mark_down(backend, "3 failed", until=122.0)
-    assert backend.health == DOWN and registry.candidates() == ()
+    assert backend.health == DOWN and registry.candidates() == (other,)
     assert registry.ejections_over(now=121.0) == [] and registry.ejections_over(now=122.0) == [backend]
-    assert registry.mark_up(backend) and backend.health == UP and registry.candidates() == (backend,)
+    assert registry.mark_up(backend) and backend.health == UP and backend in registry.candidates()
     assert backend.failures == []
+
+
+def test_the_last_candidate_is_never_ejected():
+    registry = Registry(max_fails=1)
+    registry.add_static("a", "ws://10.0.0.1:80")
+    assert not registry.connect_failed(registry.get("a"), now=1.0)
+    registry.add_static("b", "ws://10.0.0.2:80")
+    assert registry.connect_failed(registry.get("a"), now=2.0)
 
 
 def test_max_fails_zero_never_ejects_and_an_own_setting_wins():
