@@ -201,3 +201,22 @@ def test_failed_http_connects_count_too():
                 assert answer.text == "good"
             down = recorder.wait("server_disconnect")[0]
             assert down.backend.name == "dead" and balancer.registry.get("dead").health == DOWN
+
+
+@pytest.mark.timeout(30)
+def test_tcp_and_http_checks():
+    server = DemoBackend(guid="server")  # answers GET /whoami with 200 and anything else with 404
+    with started(server):
+        fast = {"check_interval": 0.05, "rise": 1, "fall": 2}
+        url = f"ws://127.0.0.1:{server.port}"
+        with running_glb(**{"backend:fine": {"url": url, "check": "http /whoami", **fast},
+                            "backend:missing": {"url": url + "/", "check": "http /nope", **fast},
+                            "backend:dead": {"url": f"ws://127.0.0.1:{closed_port()}", "check": "tcp", **fast},
+                            "backend:open": {"url": f"ws://localhost:{server.port}", "check": "tcp", **fast},
+                            }) as balancer:
+            recorder = Recorder(balancer, "server_disconnect")
+            downs = recorder.wait("server_disconnect", 2, timeout=10)
+            assert sorted(e.backend.name for e in downs) == ["dead", "missing"]
+            assert "answered 404" in balancer.registry.get("missing").down_reason
+            assert "tcp connect failed" in balancer.registry.get("dead").down_reason
+            assert sorted(b.name for b in balancer.registry.candidates()) == ["fine", "open"]
