@@ -183,7 +183,8 @@ class Rebalancer:
             try:
                 closed = close_spread([_RebalanceClose(s, self) for s in chosen],
                                       CloseCode.SERVICE_RESTART, REASON, len(chosen) / self.rate,
-                                      rng=self.rng, is_open=lambda item: item.session.outcome is None)
+                                      rng=self.rng, is_open=lambda item: item.session.outcome is None,
+                                      paced=True)
             finally:
                 self.running = False
         retry = next_eligible({b: sessions[b] for b in moves}, time.monotonic(), self.cooldown) \

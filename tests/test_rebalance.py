@@ -168,8 +168,9 @@ def test_after_a_restart_clients_do_not_all_stay_on_the_first_backend_back():
             for backend in backends[1:]:
                 backend.agent.start()
             recorder.wait("server_ready", 3, timeout=15)
-            fleet.wait_for(lambda: fleet.connected() == 30 and sorted(fleet.by_backend().values()) == [10, 10, 10],
-                           20, "an even spread")
+            fleet.wait_for(lambda: fleet.connected() == 30 and second.rebalance_closes == 20, 20, "20 moved")
+            after = fleet.by_backend()
+            assert len(after) == 3 and all(9 <= n <= 11 for n in after.values())  # within 10% of 10
             print("after the others returned:", fleet.by_backend(), "moved:", second.rebalance_closes)
             assert second.rebalance_closes == 20
     finally:
