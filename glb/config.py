@@ -451,7 +451,7 @@ SETTINGS = (
     Setting("glb", "rebalance_threshold", Number(0, 1), "0.1",
             "How far above its share (a fraction of it) a backend may be before sessions are moved."),
     Setting("glb", "rebalance_rate", Number(0.1, 10000), "20",
-            "Most sessions closed per second by rebalancing, each at a random moment."),
+            "Most sessions closed per second by rebalancing, each at a random moment of its own 1/rate slot."),
     Setting("glb", "rebalance_cooldown", Seconds(), "30",
             "Sessions younger than this are not moved (yet), so no client is moved twice in a row."),
     Setting("glb", "log_level", Choice("debug", "info", "warning", "error"), "info",
