@@ -10,8 +10,9 @@ backend with ``check`` set)::
                               unanswered heartbeat_timeout at once, its client sessions get 1014
     active check fails        its checker, fall in a row   backend down (server_disconnect fires)
     active check passes       its checker, rise in a row   backend up again (server_ready fires)
-    connects fail (passive)   the relay: max_fails within  backend down for fail_timeout, then up
-                              fail_timeout                 again (the sweeper brings it back)
+    connects fail (passive)   the relay or the HTTP proxy: backend down for fail_timeout, then up
+                              max_fails within fail_timeout again (the sweeper brings it back);
+                                                           never the last candidate left
 
 A backend that comes back (or is new) ramps its effective weight over
 ``slow_start`` seconds (``Backend.effective_weight``, from

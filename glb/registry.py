@@ -2,8 +2,11 @@
 
 The control-channel greenlet hands each text frame to ``Registration.receive``
 and only moves bytes; the relay reports sessions with ``session_started`` /
-``session_ended``; the balancer reads ``candidates()``, which is cached and
-rebuilt only after a change (``version`` counts changes).
+``session_ended``; health checks move a backend between ``up`` and ``down``
+(``mark_down`` / ``mark_up`` / ``connect_failed``); the operator drains and
+reweights (``drain`` / ``resume`` / ``set_weight``); the balancer reads
+``candidates()``, which is cached and rebuilt only after a change (``version``
+counts changes).
 
 Errors::
 
