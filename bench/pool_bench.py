@@ -5,7 +5,8 @@ Scenarios (each prints its figures; all on 127.0.0.1, every wait bounded)::
     rebalance   300 sessions on three backends, a fourth joins: with [glb] rebalance = on the
                 four end within +-10% of 75 each (closes and time stated); with it off nothing moves
     drain       200 sessions on the drained backend, spread 10 s: first and last 1012 close,
-                and how many new sessions reached the drained backend (must be 0)
+                and how many new sessions reached the drained backend (must be 0); beside it
+                HAProxy's way (runtime API: state drain, then shutdown sessions), if installed
     sigstop     a registered backend SIGSTOPped: time until glb evicts it (heartbeat_timeout),
                 the close codes its clients got, and where they reconnected
     restart     glb restarted under 100 reconnecting clients, backends re-registering with
@@ -24,6 +25,7 @@ monkey.patch_all()
 
 import argparse  # noqa: E402
 import os  # noqa: E402
+import shutil  # noqa: E402
 import signal  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -206,6 +208,78 @@ def drain(directory):
               + " ".join(str(sum(1 for c in closes if s <= c.at - started < s + 1)) for s in range(10)))
 
 
+HAPROXY_CONFIG = """\
+global
+    stats socket {socket} level admin
+    maxconn 4000
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 1h
+    timeout server 1h
+    timeout tunnel 1h
+frontend fe
+    bind 127.0.0.1:{port}
+    default_backend be
+backend be
+    balance leastconn
+    server a 127.0.0.1:{a} check
+    server b 127.0.0.1:{b} check
+"""
+
+
+def haproxy_command(socket_path, command):
+    import socket as stdlib_socket
+
+    with stdlib_socket.socket(stdlib_socket.AF_UNIX) as sock:
+        sock.settimeout(5)
+        sock.connect(socket_path)
+        sock.sendall(command.encode() + b"\n")
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer.decode().strip()
+
+
+def drain_haproxy(directory):
+    """The same drain through HAProxy: no new sessions, then its sessions cut at once."""
+    haproxy = shutil.which("haproxy")
+    if haproxy is None:
+        print("drain (HAProxy): not installed, skipped")
+        return
+    with Run() as run:
+        ports = {}
+        for guid in ("a", "b"):
+            ports[guid] = free_port()
+            proc = subprocess.Popen([PYTHON, "-m", "glb.demo_backend", "--port", str(ports[guid]), "--guid", guid],
+                                    env=glb_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            run.procs.append(proc)
+            wait_for_port(ports[guid], time.monotonic() + 20, proc)
+        port, socket_path = free_port(), os.path.join(directory, "haproxy.sock")
+        config = os.path.join(directory, "haproxy.cfg")
+        with open(config, "w") as f:
+            f.write(HAPROXY_CONFIG.format(socket=socket_path, port=port, a=ports["a"], b=ports["b"]))
+        proc = subprocess.Popen([haproxy, "-f", config], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        run.procs.append(proc)
+        wait_for_port(port, time.monotonic() + 20, proc)
+        fleet = run.fleet(f"ws://127.0.0.1:{port}/app", 400, reconnect_on={1006, 1011, 1012, 1014})
+        before = fleet.by_backend()
+        started = time.monotonic()
+        haproxy_command(socket_path, "set server be/a state drain")
+        gevent.sleep(10)  # HAProxy has no spread: a drained server keeps its sessions for as long as they last
+        kept = fleet.by_backend().get("a", 0)
+        cut = time.monotonic()
+        haproxy_command(socket_path, "shutdown sessions server be/a")
+        wait(lambda: fleet.by_backend().get("a", 0) == 0 and fleet.connected() == 400, 60, "a emptied")
+        closes = [c for c in fleet.closes() if c.at >= cut]
+        codes = sorted({c.code for c in closes})
+        arrived = [guid for _, guid in fleet.opened_since(started) if guid == "a"]
+        print(f"drain (HAProxy 'set server state drain'): before [{spread_text(before)}]; 10 s later a still "
+              f"had {kept}; 'shutdown sessions': {len(closes)} closes with {codes}, first "
+              f"{(closes[0].at - cut) * 1000:.0f} ms, last {(closes[-1].at - cut) * 1000:.0f} ms after it; "
+              f"new sessions that reached a: {len(arrived)}")
+
+
 def sigstop(directory):
     timeout = 3
     with Run() as run:
@@ -272,6 +346,9 @@ def main(argv=None):
         if name in ("rebalance", "restart"):
             globals()[name](directory, True)
             globals()[name](directory, False)
+        elif name == "drain":
+            drain(directory)
+            drain_haproxy(directory)
         else:
             globals()[name](directory)
 
