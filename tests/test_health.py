@@ -106,6 +106,9 @@ def test_a_killed_static_backend_goes_out_after_fall_and_back_after_rise(slow_st
             assert down.backend is registered and registered.health == DOWN
             assert "2 checks failed" in registered.down_reason
             assert [b.name for b in balancer.registry.candidates()] == ["steady"]
+            balancer.live_feed._sample()  # what the status page shows
+            assert balancer.live_feed.rows["flaky"]["health"] == DOWN
+            assert balancer.live_feed.totals["backends_ready"] == 1
             samples = scrape(balancer)
             assert value(samples, "glb_backend_healthy", backend="flaky") == 0
             assert value(samples, "glb_backend_up", backend="flaky") == 0
