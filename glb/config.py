@@ -451,7 +451,7 @@ SETTINGS = (
     Setting("glb", "rebalance_threshold", Number(0, 1), "0.1",
             "How far above its share (a fraction of it) a backend may be before sessions are moved."),
     Setting("glb", "rebalance_rate", Number(0.1, 10000), "20",
-            "Most sessions closed per second by rebalancing, each at a random moment."),
+            "Most sessions closed per second by rebalancing, each at a random moment of its own 1/rate slot."),
     Setting("glb", "rebalance_cooldown", Seconds(), "30",
             "Sessions younger than this are not moved (yet), so no client is moved twice in a row."),
     Setting("glb", "log_level", Choice("debug", "info", "warning", "error"), "info",
@@ -575,6 +575,11 @@ for _setting in SETTINGS:
 del _setting
 
 
+# Policies that send a reconnecting client to the emptiest backend, as rebalancing needs. The
+# others would send a moved client back (hash) or anywhere (random, round robin): churn.
+REBALANCE_POLICIES = ("least_connections", "p2c")
+
+
 def cross_checks(settings):
     """Problems no single value shows, as (section, key, reason); the first one found is raised."""
     tls, backends = settings.tls, settings.backends
@@ -608,6 +613,9 @@ def cross_checks(settings):
                 ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(values.cafile)
             except (ssl.SSLError, OSError) as exc:
                 yield section, "cafile", f"not a usable CA bundle: {_ssl_reason(exc)}"
+    if settings.glb.rebalance and settings.glb.balancing not in REBALANCE_POLICIES:
+        yield "glb", "rebalance", (f"needs balancing = least_connections or p2c: with {settings.glb.balancing}, "
+                                   "moved clients would not be sent to the emptier backends")
     seen_urls = {}
     for backend in settings.backends_static:
         if backend.url in seen_urls:

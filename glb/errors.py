@@ -58,6 +58,7 @@ class Status:
     METHOD_NOT_ALLOWED = "405 Method Not Allowed"
     CONFLICT = "409 Conflict"
     PAYLOAD_TOO_LARGE = "413 Content Too Large"
+    UNSUPPORTED_MEDIA_TYPE = "415 Unsupported Media Type"
     UPGRADE_REQUIRED = "426 Upgrade Required"
     TOO_MANY_REQUESTS = "429 Too Many Requests"
     INTERNAL_ERROR = "500 Internal Server Error"
