@@ -112,6 +112,7 @@ class Admission:
                 self._counted[sock] = ip
                 return handle(sock, address)
             self.balancer.report_error(None, f"connection from {ip} refused: {reason}")
+            self.balancer.stats.connection_refused(reason.partition(" ")[0])  # the setting's name
             if tls:
                 sock.close()
             else:
@@ -129,6 +130,7 @@ class Admission:
         """Out of descriptors: accept one pending connection on the spare one and close it."""
         self.balancer.report_error(None, f"out of file descriptors ({exc.strerror}); "
                                          "closing a new connection at once")
+        self.balancer.stats.connection_refused("out_of_descriptors")
         if self._reserve is None:
             return
         os.close(self._reserve)

@@ -41,6 +41,9 @@ METRICS = (
     Metric("glb_connections", "gauge", ("kind",),
            "Open WebSockets accepted by glb: client sessions, control channels, own sessions."),
     Metric("glb_connections_total", "counter", ("kind",), "WebSockets accepted by glb since it started."),
+    Metric("glb_connections_refused_total", "counter", ("limit",),
+           "TCP connections refused at accept (503 or closed), by the limit reached: max_connections, "
+           "max_connections_per_ip, out_of_descriptors."),
     Metric("glb_backend_up", "gauge", ("backend",), "1 when the backend is ready for new sessions, else 0."),
     Metric("glb_backend_state", "gauge", ("backend", "state"),
            "1 for the backend's current state (connecting, ready, draining, gone), 0 for the others."),
@@ -108,6 +111,8 @@ class BalancerCollector:
         for kind in KINDS:
             f["glb_connections"].add_metric([kind], open_by_kind[kind])
             f["glb_connections_total"].add_metric([kind], stats.connections_total.get(kind, 0))
+        for limit, count in sorted(stats.connections_refused.items()):
+            f["glb_connections_refused_total"].add_metric([limit], count)
         for backend in balancer.registry.all():
             name = backend.name
             f["glb_backend_up"].add_metric([name], 1 if backend.state == READY else 0)

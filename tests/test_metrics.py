@@ -1,5 +1,6 @@
 """GET /glb/metrics: what real clients did through a real glb, counted exactly, in both relay modes."""
 
+import os
 import time
 import urllib.error
 import urllib.request
@@ -8,6 +9,7 @@ import gevent
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from glb.metrics import METRICS, render_names
 from glb.stats import Histogram
 from tests.backends import ScriptedBackend, started
 from tests.support import RawClient, base_url, running_glb, ws_connect
@@ -108,15 +110,15 @@ def test_closes_by_backend_and_by_glb_are_counted_apart():
 
 def test_backends_and_failures_are_exposed():
     backend = ScriptedBackend()
-    with started(backend), running_glb(glb={"backend_retries": 0}, **{
+    with started(backend), running_glb(glb={"backend_retries": 0, "balancing": "round_robin"}, **{
             "backend:up": backend.static_section(),
             "backend:down": {"url": "ws://127.0.0.1:9", "weight": 3}}) as glb:
         statuses = []
-        for _ in range(4):  # least connections alternates; "down" refuses TCP, so that client gets 502
+        for _ in range(4):  # round robin: "down" is picked within two; it refuses TCP, so that client gets 502
             client = RawClient(glb.addresses[0], path="/app")
             statuses.append(client.status)
             client.close()
-        assert 502 in statuses and 101 in statuses
+        assert 502 in statuses
         samples = scrape(glb)
         assert value(samples, "glb_backend_up", backend="up") == 1
         assert value(samples, "glb_backend_state", backend="up", state="ready") == 1
@@ -139,6 +141,15 @@ def test_handshake_rejections_and_http_requests_by_status():
         assert value(samples, "glb_http_requests_total", backend="-", code="503") == 1
         assert value(samples, "glb_http_request_duration_seconds_count") == 1
         assert value(samples, "process_open_fds") > 0
+
+
+def test_connections_refused_by_a_limit_are_counted():
+    with running_glb(glb={"max_connections_per_ip": "1"}) as glb:
+        ws = ws_connect(base_url(glb) + "/glb/echo")
+        assert RawClient(glb.addresses[0], path="/glb/echo").status == 503
+        ws.close()
+        samples = wait_for(lambda: (s := scrape(glb)) and value(s, "glb_connections", kind="own") == 0 and s)
+        assert value(samples, "glb_connections_refused_total", limit="max_connections_per_ip") == 1
 
 
 def test_handler_errors_are_counted_by_event():
@@ -165,3 +176,21 @@ def test_histogram_buckets_are_cumulative():
         histogram.observe(seconds)
     assert histogram.cumulative() == [("1.0", 2), ("10.0", 3), ("+Inf", 4)]
     assert histogram.sum == 106.5
+
+
+def test_readme_lists_every_metric():
+    readme = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+    with open(readme, encoding="utf-8") as stream:
+        text = stream.read()
+    block = text[text.index("<!-- metrics:start -->") + len("<!-- metrics:start -->"):text.index("<!-- metrics:end -->")]
+    assert block.strip() == render_names(), "README metric list is stale: paste glb.metrics.render_names()"
+
+
+def test_every_declared_metric_is_exposed():
+    with running_glb() as glb:
+        names = {name for name, _ in scrape(glb)}
+    for metric in METRICS:
+        if metric.type == "histogram":
+            assert metric.name + "_count" in names, metric.name
+        elif not metric.labels or metric.type in ("info",):
+            assert metric.name in names, metric.name
