@@ -24,7 +24,7 @@ import gevent
 from gevent.pool import Group
 
 from glb import __version__
-from glb.errors import CloseCode, ConnectionClosed, Status
+from glb.errors import ConnectionClosed, Status
 from glb.own_sessions import OwnSession
 from glb.registry import READY
 from glb.stats import backend_figures
@@ -199,6 +199,3 @@ class LiveSession(OwnSession):
 
     def send(self, message):
         return False  # glb's own messages (write_data) do not go to status pages
-
-    def close(self, code=CloseCode.GOING_AWAY, reason="going away"):
-        self.conn.websocket.close(code, reason)
