@@ -99,6 +99,34 @@ class Seconds(Type):
         return value
 
 
+class Number(Type):
+    """A number in ``[min, max]``: a fraction such as 0.1 (ten per cent), a rate."""
+
+    def __init__(self, min=0.0, max=1.0):
+        self.min, self.max = min, max
+        self.name = f"number {min:g}..{max:g}"
+
+    def parse(self, text, base_dir):
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError(f"expected a number, got {text!r}") from None
+        if not (self.min <= value <= self.max):
+            raise ValueError(f"must be between {self.min:g} and {self.max:g}, got {text}")
+        return value
+
+
+class Inherit(Type):
+    """``inner``, or empty for the value of the same key in ``[section]`` (filled in by ``_build``)."""
+
+    def __init__(self, inner, section):
+        self.inner, self.section = inner, section
+        self.name = f"{inner.name}; empty = as [{section}]"
+
+    def parse(self, text, base_dir):
+        return self.inner.parse(text, base_dir) if text else None
+
+
 class Bool(Type):
     name = "boolean"
     WORDS = {"true": True, "yes": True, "on": True, "1": True,
@@ -317,6 +345,14 @@ def _check_token(text):
         raise ValueError("must not contain whitespace (it is sent in an HTTP header)")
 
 
+def _check_health_check(text):
+    kind, _, path = text.partition(" ")
+    path = path.strip()
+    if text in ("", "tcp", "ws") or (kind == "http" and path.startswith("/") and not re.search(r"\s", path)):
+        return
+    raise ValueError(f"expected tcp, ws or http /path (or empty for no checks); got {text!r}")
+
+
 def _check_ciphers(text):
     if text:
         try:
@@ -356,6 +392,7 @@ SECTIONS = {
     "http": "Plain HTTP requests proxied to backends.",
     "tls": "TLS for clients (https:// and wss://); off unless `listen` is set.",
     "demo": "In-process demo backends, for trying glb out; delete in real deployments.",
+    "admin": "Who may call the admin API under `<prefix>admin/` (drain, weights, rebalancing, sessions).",
     # A handler module's settings live in a section named after the module (used when it is listed).
     "glb.handlers.access_log": "The bundled access log: one line per ended WebSocket and per HTTP request, "
                                "to the `glb.access` logger or a file of its own.",
@@ -408,6 +445,15 @@ SETTINGS = (
             "on average; beyond it 429, or close 1008 for a control channel (0 = no limit)."),
     Setting("glb", "handshake_burst_per_ip", Int(min=1), "20",
             "Handshakes one address may start at once before handshake_rate_per_ip applies."),
+    Setting("glb", "rebalance", Bool(), "off",
+            "When the pool changes, close sessions (1012) on backends above their weighted share "
+            "so their clients reconnect to the others."),
+    Setting("glb", "rebalance_threshold", Number(0, 1), "0.1",
+            "How far above its share (a fraction of it) a backend may be before sessions are moved."),
+    Setting("glb", "rebalance_rate", Number(0.1, 10000), "20",
+            "Most sessions closed per second by rebalancing, each at a random moment."),
+    Setting("glb", "rebalance_cooldown", Seconds(), "30",
+            "Sessions younger than this are not moved (yet), so no client is moved twice in a row."),
     Setting("glb", "log_level", Choice("debug", "info", "warning", "error"), "info",
             "Least severe log level written."),
 
@@ -433,6 +479,19 @@ SETTINGS = (
             "Client certificate for mutual TLS to backends; set together with keyfile."),
     Setting("backends", "keyfile", FilePath(), "",
             "Private key of the client certificate; set together with certfile."),
+
+    Setting("backends", "heartbeat_interval", Seconds(), "10",
+            "Ping every registered backend's control channel this often (0 = never)."),
+    Setting("backends", "heartbeat_timeout", Seconds(positive=True), "5",
+            "A control channel that leaves a heartbeat ping unanswered this long is ended (1011) "
+            "and its backend leaves the pool; its client sessions are closed with 1014."),
+    Setting("backends", "max_fails", Int(min=0), "3",
+            "Failed connects or 5xx handshake answers within `fail_timeout` that take a backend out "
+            "of the pool for `fail_timeout` (0 = never)."),
+    Setting("backends", "fail_timeout", Seconds(positive=True), "10",
+            "The window `max_fails` are counted in, and how long a backend then stays out."),
+    Setting("backends", "slow_start", Seconds(), "0",
+            "A new or returning backend's weight ramps from a tenth to full over this time (0 = at once)."),
 
     Setting("http", "connect_timeout", Seconds(positive=True), "5",
             "Time to connect to a backend for an HTTP request."),
@@ -469,6 +528,10 @@ SETTINGS = (
     Setting("demo", "backends", Int(0, 16), "0",
             "Start this many demo backends in-process; they register over the control channel."),
 
+    Setting("admin", "token", Str(_check_token, secret=True), "",
+            "When set, admin calls may send `Authorization: Bearer <token>` from any address."),
+    Setting("admin", "allow", List(Network(), name="network list"), "127.0.0.0/8, ::1/128",
+            "Networks whose admin calls need no token (empty = the token is always needed)."),
     Setting("glb.handlers.access_log", "format", Choice("text", "json"), "text",
             "`text`: one readable line each; `json`: one JSON object per line (JSON lines), same fields."),
     Setting("glb.handlers.access_log", "file", OutputPath(), "",
@@ -485,6 +548,21 @@ SETTINGS = (
             "Share of new sessions under `weighted` balancing."),
     Setting(PATTERN, "max_clients", Int(min=0), "0",
             "Most concurrent sessions on this backend (0 = no cap)."),
+    Setting(PATTERN, "check", Str(_check_health_check, "tcp, ws or http /path"), "",
+            "Active health check: a TCP connect, a WebSocket handshake to `url`, or an HTTP GET that "
+            "must answer 2xx/3xx (empty = no active checks).", example="http /health"),
+    Setting(PATTERN, "check_interval", Seconds(positive=True), "2",
+            "Time between two active checks (also each check's timeout)."),
+    Setting(PATTERN, "rise", Int(min=1), "2",
+            "Passed checks in a row that bring a down backend back."),
+    Setting(PATTERN, "fall", Int(min=1), "3",
+            "Failed checks in a row that take a backend out."),
+    Setting(PATTERN, "max_fails", Inherit(Int(min=0), "backends"), "",
+            "As `[backends] max_fails`, for this backend."),
+    Setting(PATTERN, "fail_timeout", Inherit(Seconds(positive=True), "backends"), "",
+            "As `[backends] fail_timeout`, for this backend."),
+    Setting(PATTERN, "slow_start", Inherit(Seconds(), "backends"), "",
+            "As `[backends] slow_start`, for this backend."),
 )
 
 DECLARED = {section: {} for section in SECTIONS}
@@ -581,6 +659,7 @@ class Settings:
     http: Section
     tls: Section
     demo: Section
+    admin: Section
 
     def handler_settings(self, module_name):
         """The section named after a handler module, or None when glb declares none for it."""
@@ -722,6 +801,10 @@ def _build(parser, file, base_dir, path):
     for section, values in sections.items():
         if values is None:
             sections[section] = _parse_section(section, DECLARED[section], {}, file, base_dir)
+    for backend in static:
+        for key, setting in DECLARED[PATTERN].items():
+            if isinstance(setting.type, Inherit) and getattr(backend, key) is None:
+                setattr(backend, key, sections[setting.type.section][key])
     settings = Settings(sections, static, path)
     for section in parser.sections():
         if "." in section and section in SECTIONS and section not in settings.handlers.modules:

@@ -202,6 +202,10 @@ class ControlSession(OwnSession):
             bus.fire(bus.server_disconnect, connection=self.conn, backend=self.backend,
                      code=ws.close_code)
 
+    def leave_pool(self):
+        """The backend leaves the pool now (heartbeat eviction); the channel closes after."""
+        self._leave()
+
     def _leave(self):
         """Take the backend out of the pool and the relay map (once; before any slow close)."""
         if self._left:
@@ -262,6 +266,13 @@ class ControlSession(OwnSession):
             log.info("= %s backend %s ready: %s", self.conn.id, backend.guid,
                      ", ".join(b.netloc for b in backend.bindings) or "no bindings")
             self.bus.fire(self.bus.server_ready, connection=self.conn, backend=backend)
+        elif outcome == Outcome.DRAIN:
+            log.info("< %s backend %s drains itself (spread %s)", self.conn.id, backend.guid,
+                     registration.last.spread)
+            self.balancer.pool.drain(backend, registration.last.spread)
+        elif outcome == Outcome.UNDRAIN:
+            log.info("< %s backend %s undrains itself", self.conn.id, backend.guid)
+            self.balancer.pool.undrain(backend)
         return True
 
     def _on_envelope_text(self, text):

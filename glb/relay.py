@@ -185,6 +185,9 @@ class ClientSession:
             if backend is None:
                 break
             tried.append(backend)
+            # Counted from the pick, not from the backend's 101: sessions arriving together
+            # (a reconnect wave) see each other and least-loaded placement spreads them.
+            balancer.registry.session_started(backend)
             try:
                 upstream, _, answer = connect(
                     backend.binding_url(target), headers=headers,
@@ -192,15 +195,21 @@ class ClientSession:
                     ssl_context=balancer.backend_ssl_context(),
                     max_message_size=settings.max_message_size)
             except HandshakeFailed as exc:
+                balancer.registry.session_ended(backend)
                 if exc.status is not None and exc.status != 101:
                     log.info("! %s backend %s refused the handshake: %s", conn.id, backend.guid, exc.status)
+                    if exc.status >= 500:  # the backend is failing, not judging this client
+                        balancer.health.connect_failed(backend)
                     return Rejection.from_backend(exc.status, exc.headers, exc.body)
                 balancer.report_error(conn, f"backend {backend.guid} unreachable: {exc.reason}")
+                balancer.health.connect_failed(backend)
                 balancer.stats.connect_failed(backend.name, exc.reason)
                 continue
+            except BaseException:
+                balancer.registry.session_ended(backend)
+                raise
             upstream.auto_pong = False
             upstream.send_timeout = settings.send_timeout
-            balancer.registry.session_started(backend)
             conn.backend = backend
             passed = [(name, value) for name, value in answer if name.lower() in PASSED_101_HEADERS]
             return cls(balancer, conn, backend, upstream, passed)
@@ -672,9 +681,13 @@ class ClientSession:
         if self.outcome is None:
             self.outcome = (code, reason, closed_by)
 
-    def close(self, code=CloseCode.GOING_AWAY, reason="going away"):
-        """glb ends the session (shutdown, idle or ping timeout, a handler): both legs get the close."""
-        self._end(code, reason, "glb")
+    def close(self, code=CloseCode.GOING_AWAY, reason="going away", cause=None):
+        """glb ends the session (shutdown, idle or ping timeout, a handler): both legs get the close.
+
+        ``cause``, when given, is the reason ``client_disconnect`` reports instead of ``reason``
+        (rebalancing sends "service restart" on the wire and reports "rebalance").
+        """
+        self._end(code, cause or reason, "glb")
         if self.client is None:
             return
         self.client.send_close(code, reason, self._at_boundary("client"))

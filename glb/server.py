@@ -19,6 +19,7 @@ from geventwebsocket.handler import WebSocketHandler
 
 from glb import broadcast  # Balancer.broadcast / write_data / ping delegate to it
 from glb import handshake, tls
+from glb.admin import AdminApi
 from glb.admission import Admission
 from glb.balancing import PickRequest, make_policy
 from glb.control import SGC_BINDING_PATH, SGC_CONTROL_PATH, BindingEndpoint, ControlSession
@@ -26,8 +27,11 @@ from glb.connection import CLIENT, Connection, headers_from_environ
 from glb.errors import CloseCode, Status
 from glb.events import EventBus
 from glb.handlers import load_handlers
+from glb.health import HealthMonitor
 from glb.http_proxy import HttpProxy
 from glb.own_sessions import EchoSession
+from glb.pool import PoolControl
+from glb.rebalance import Rebalancer
 from glb.relay import DETACHED, ClientSession
 from glb.live import LiveFeed, LiveSession, StatusPage
 from glb.metrics import MetricsEndpoint
@@ -72,10 +76,15 @@ class Balancer:
         modules = settings.handlers.modules if handler_modules is None else handler_modules
         for warning in load_handlers(modules, self.bus, settings):
             log.warning("%s", warning)
-        self.registry = Registry(settings.backends.max_clients_reported, settings.backends.max_bindings)
+        backends = settings.backends
+        self.registry = Registry(backends.max_clients_reported, backends.max_bindings,
+                                 max_fails=backends.max_fails, fail_timeout=backends.fail_timeout,
+                                 slow_start=backends.slow_start)
         for static in settings.backends_static:
             self.registry.add_static(static.name, static.url, http=static.http,
-                                     weight=static.weight, max_clients=static.max_clients)
+                                     weight=static.weight, max_clients=static.max_clients,
+                                     max_fails=static.max_fails, fail_timeout=static.fail_timeout,
+                                     slow_start=static.slow_start)
         self.policy = make_policy(settings.glb.balancing, hash_key=settings.glb.hash_key)
         self.prefix = settings.glb.prefix
         self.connections = {}  # id -> Connection, every open WebSocket
@@ -99,8 +108,13 @@ class Balancer:
             self.prefix + "metrics": MetricsEndpoint(self),
             self.prefix: StatusPage(self),
         }
+        self.http_prefix_routes = {self.prefix + "admin/": AdminApi(self)}  # path prefix -> WSGI app
         self.http_proxy = HttpProxy(self)  # everything else over plain HTTP
         self.admission = Admission(self)  # connection limits, origins, handshake rate
+        self.health = HealthMonitor(self)  # heartbeats, active and passive checks
+        self.pool = PoolControl(self)  # drain, undrain, weights, closing a backend's sessions
+        self.rebalancer = Rebalancer(self)
+        self.rebalance_closes = 0  # sessions closed by rebalancing
 
     # -- listeners ---------------------------------------------------------
 
@@ -139,6 +153,8 @@ class Balancer:
             self.servers.append(server)
             log.info("= listening on https://%s", _format_address(server.address))
         self._sweeper = gevent.spawn(self._sweep_forever)
+        self.health.start()
+        self.rebalancer.start()
         return self.addresses
 
     def _sweep_forever(self):
@@ -168,6 +184,8 @@ class Balancer:
         self.stopping = True
         if getattr(self, "_sweeper", None) is not None:
             self._sweeper.kill(block=False)
+        for part in (self.health, self.rebalancer, self.pool):
+            part.stop()
         self.live_feed.stop()
         for server in self.servers:
             server.close()
@@ -194,9 +212,13 @@ class Balancer:
     # -- plain HTTP --------------------------------------------------------
 
     def wsgi_app(self, environ, start_response):
-        route = self.http_routes.get(environ.get("PATH_INFO", ""))
+        path = environ.get("PATH_INFO", "")
+        route = self.http_routes.get(path)
         if route is not None:
             return route(environ, start_response)
+        for prefix, route in self.http_prefix_routes.items():
+            if path.startswith(prefix):
+                return route(environ, start_response)
         return self.forward_http(environ, start_response)
 
     def forward_http(self, environ, start_response):

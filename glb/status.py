@@ -48,6 +48,7 @@ def snapshot(balancer):
         "listeners": [f"http://{host}:{port}" for host, port in balancer.addresses]
         + [f"https://{host}:{port}" for host, port in getattr(balancer, "tls_addresses", [])],
         "connections": connections,
+        "rebalance_closes": balancer.rebalance_closes,
         "backends": [{
             "guid": backend.guid,
             "name": backend.name,
@@ -55,6 +56,7 @@ def snapshot(balancer):
             "static": backend.static,
             "accepts_clients": id(backend) in candidates,
             "bindings": [{"host": b.host, "port": b.port, "ssl": b.ssl} for b in backend.bindings],
+            "health": backend.health,
             "weight": backend.weight,
             "max_clients": backend.max_clients,
             "relayed": backend.relayed,

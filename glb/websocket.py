@@ -31,6 +31,7 @@ import logging
 import os
 import socket
 import ssl
+import time
 from urllib.parse import urlsplit
 
 import gevent
@@ -106,7 +107,7 @@ class WebSocket:
     __slots__ = ("_sock", "server_side", "connection", "auto_pong", "send_timeout", "close_timeout",
                  "_mask", "_reader", "_write_lock", "_plain", "_drained", "_turn", "_reading", "_changed",
                  "_close_sent", "_close_received", "_sock_closed", "_closed_by", "_close_code",
-                 "_close_reason")
+                 "_close_reason", "last_pong")
 
     def __init__(self, sock, *, server_side, max_message_size=DEFAULT_MAX_MESSAGE_SIZE,
                  initial=b"", connection=None, auto_pong=True, send_timeout=None,
@@ -133,6 +134,7 @@ class WebSocket:
         self._closed_by = None
         self._close_code = None
         self._close_reason = None
+        self.last_pong = 0.0  # monotonic time the last pong was received (heartbeats read it)
 
     def __repr__(self):
         side = "server" if self.server_side else "client"
@@ -229,6 +231,8 @@ class WebSocket:
         if frame.opcode == OP_PING:
             if self.auto_pong:
                 self._send_quietly(encode_frame(OP_PONG, frame.payload, mask=self._mask))
+        elif frame.opcode == OP_PONG:
+            self.last_pong = time.monotonic()
         elif frame.opcode == OP_CLOSE:
             self._on_peer_close(frame.payload)
         return frame
