@@ -20,7 +20,7 @@ from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily, Hist
 
 from glb import __version__
 from glb.errors import Status
-from glb.registry import CONNECTING, DRAINING, GONE, READY
+from glb.registry import CONNECTING, DRAINING, GONE, READY, UP
 from glb.stats import DIRECTIONS, backend_figures
 from glb.status import operator_refusal
 
@@ -44,7 +44,10 @@ METRICS = (
     Metric("glb_connections_refused_total", "counter", ("limit",),
            "TCP connections refused at accept (503 or closed), by the limit reached: max_connections, "
            "max_connections_per_ip, out_of_descriptors."),
-    Metric("glb_backend_up", "gauge", ("backend",), "1 when the backend is ready for new sessions, else 0."),
+    Metric("glb_backend_up", "gauge", ("backend",),
+           "1 when the backend takes new sessions (ready and passing its health checks), else 0."),
+    Metric("glb_backend_healthy", "gauge", ("backend",),
+           "1 while the backend passes its health checks (or has none), 0 while it is down."),
     Metric("glb_backend_state", "gauge", ("backend", "state"),
            "1 for the backend's current state (connecting, ready, draining, gone), 0 for the others."),
     Metric("glb_backend_sessions", "gauge", ("backend",), "Sessions glb relays to the backend now."),
@@ -115,7 +118,8 @@ class BalancerCollector:
             f["glb_connections_refused_total"].add_metric([limit], count)
         for backend in balancer.registry.all():
             name = backend.name
-            f["glb_backend_up"].add_metric([name], 1 if backend.state == READY else 0)
+            f["glb_backend_up"].add_metric([name], 1 if backend.state == READY and backend.health == UP else 0)
+            f["glb_backend_healthy"].add_metric([name], 1 if backend.health == UP else 0)
             for state in STATES:
                 f["glb_backend_state"].add_metric([name, state], 1 if backend.state == state else 0)
             f["glb_backend_sessions"].add_metric([name], backend.relayed)
