@@ -156,6 +156,26 @@ def test_connections_refused_by_a_limit_are_counted():
         assert value(samples, "glb_connections_refused_total", limit="max_connections_per_ip") == 1
 
 
+def test_broadcast_envelopes_are_counted():
+    from glb import control_records as records
+    from tests.test_control import Recorder, received, register
+
+    with running_glb() as glb:
+        seen = Recorder(glb, "server_ready")
+        sender, other = register(glb, "sender", 9001, seen), register(glb, "other", 9002, seen)
+        envelope = records.encode_text_envelope("hello all")
+        sender.send(envelope)
+        assert received(other) == envelope and received(sender) == envelope
+        glb.broadcast("from glb")
+        assert received(other) == received(sender)
+        samples = scrape(glb)
+        assert value(samples, "glb_broadcast_envelopes_total") == 2
+        assert value(samples, "glb_broadcast_dropped_total") == 0
+        assert value(samples, "glb_connections", kind="control") == 2
+        sender.close()
+        other.close()
+
+
 def test_handler_errors_are_counted_by_event():
     with running_glb(handler_modules=["tests.handler_failing_connect"]) as glb:
         ws = ws_connect(base_url(glb) + "/glb/echo")
