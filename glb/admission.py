@@ -78,7 +78,6 @@ class Admission:
         self._counted = {}  # accepted socket -> address, while its listener's handler runs
         self._held = {}  # connection id -> address, for sessions that outlived their handler
         self._reserve = None  # a spare descriptor, given up to shed a connection when none are left
-        self.refused = {}  # metric label -> connections refused as they were accepted (glb.metrics)
 
     def start(self):
         """At start-up: raise the descriptor limit, settle max_connections, keep a spare descriptor."""
@@ -125,11 +124,8 @@ class Admission:
 
         server.do_read, server.do_handle, server.do_close = do_read, do_handle, do_close
 
-    def _count(self, label):
-        self.refused[label] = self.refused.get(label, 0) + 1
-
     def _refuse(self, sock, ip, reason, tls):
-        self._count(REFUSAL_LABELS[reason])
+        self.balancer.stats.connection_refused(REFUSAL_LABELS[reason])
         self.balancer.report_error(None, f"connection from {ip} refused: {reason}")
         if tls:  # no plaintext answer before a TLS handshake
             sock.close()
@@ -138,7 +134,7 @@ class Admission:
 
     def _shed(self, server, exc):
         """Out of descriptors: accept one pending connection on the spare one and close it."""
-        self._count("out_of_descriptors")
+        self.balancer.stats.connection_refused("out_of_descriptors")
         self.balancer.sessions.spawn(self.balancer.report_error, None, f"out of file descriptors "
                                      f"({exc.strerror}); a new connection was closed at once")
         if self._reserve is None:

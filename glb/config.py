@@ -18,6 +18,7 @@ Regenerate the README block after changing a declaration::
 """
 import configparser
 import difflib
+import importlib
 import ipaddress
 import math
 import os
@@ -798,6 +799,10 @@ def _build(parser, file, base_dir, path):
             sections[section] = _parse_section(section, DECLARED[section], raw, file, base_dir)
             continue
         kind, colon, name = section.partition(":")
+        if "." in section and not colon:  # a handler module's own settings
+            declared = _declared_by_module(section, parser, file)
+            sections[section] = _parse_section(section, declared, raw, file, base_dir)
+            continue
         if not (colon and kind + ":NAME" == PATTERN):
             raise ConfigError(_unknown_section(section), file, section)
         name = name.strip()
@@ -824,6 +829,53 @@ def _build(parser, file, base_dir, path):
     for section, key, reason in cross_checks(settings):
         raise ConfigError(reason, file, section, key)
     return settings
+
+
+def module_settings(module):
+    """The settings a handler module outside glb declares in its ``SETTINGS`` tuple, by key.
+
+    Each row is a ``Setting`` whose section is the module's own name. ValueError when malformed.
+    """
+    declared = {}
+    for setting in getattr(module, "SETTINGS", ()):
+        if not (isinstance(setting, Setting) and setting.section == module.__name__
+                and setting.key.isidentifier() and setting.key not in declared):
+            raise ValueError(f"SETTINGS must hold Setting({module.__name__!r}, key, type, default, doc) rows "
+                             f"with distinct keys; got {setting!r}")
+        declared[setting.key] = setting
+    return declared
+
+
+def module_defaults(module):
+    """A handler module's declared settings at their defaults, as a Section (None if it declares none)."""
+    declared = module_settings(module)
+    if not declared:
+        return None
+    return Section(module.__name__, _parse_section(module.__name__, declared, {}, "<defaults>", os.getcwd()))
+
+
+def _declared_by_module(section, parser, file):
+    """The declarations for ``[section]``, a handler module's name: listed, importable, declaring SETTINGS."""
+    modules_setting = DECLARED["handlers"]["modules"]
+    text = parser.get("handlers", "modules", fallback=modules_setting.default)
+    try:
+        listed = modules_setting.type.parse(text.strip(), "")
+    except ValueError:
+        listed = ()  # [handlers] modules itself is reported when it is parsed
+    if section not in listed:
+        raise ConfigError(f"settings of handler module {section}, which [handlers] modules does not list", file, section)
+    try:
+        module = importlib.import_module(section)
+    except Exception as exc:
+        raise ConfigError(f"handler module {section} cannot be imported: {type(exc).__name__}: {exc}",
+                          file, "handlers", "modules") from None
+    try:
+        declared = module_settings(module)
+    except ValueError as exc:
+        raise ConfigError(str(exc), file, section) from None
+    if not declared:
+        raise ConfigError(f"handler module {section} declares no settings (no SETTINGS in it)", file, section)
+    return declared
 
 
 def _parse_section(section, declared, raw, file, base_dir):

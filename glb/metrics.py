@@ -41,10 +41,13 @@ METRICS = (
     Metric("glb_connections", "gauge", ("kind",),
            "Open WebSockets accepted by glb: client sessions, control channels, own sessions."),
     Metric("glb_connections_total", "counter", ("kind",), "WebSockets accepted by glb since it started."),
+    Metric("glb_connections_refused_total", "counter", ("limit",),
+           "TCP connections refused at accept (503 or closed), by the limit reached: max_connections, "
+           "max_connections_per_ip, out_of_descriptors."),
     Metric("glb_backend_up", "gauge", ("backend",),
-           "1 when the backend is ready for new sessions (ready and healthy), else 0."),
+           "1 when the backend takes new sessions (ready and passing its health checks), else 0."),
     Metric("glb_backend_healthy", "gauge", ("backend",),
-           "1 unless health checks, failed connects or a missed heartbeat took the backend out."),
+           "1 while the backend passes its health checks (or has none), 0 while it is down."),
     Metric("glb_backend_state", "gauge", ("backend", "state"),
            "1 for the backend's current state (connecting, ready, draining, gone), 0 for the others."),
     Metric("glb_backend_sessions", "gauge", ("backend",), "Sessions glb relays to the backend now."),
@@ -63,9 +66,6 @@ METRICS = (
     Metric("glb_ws_closes_total", "counter", ("code", "closed_by"),
            "Client sessions ended, by close code and by who closed (client, backend, glb)."),
     Metric("glb_session_duration_seconds", "histogram", (), "How long client sessions lasted."),
-    Metric("glb_connections_refused_total", "counter", ("reason",),
-           "Connections closed as they were accepted: over max_connections, over "
-           "max_connections_per_ip, or glb out of file descriptors."),
     Metric("glb_handshake_rejections_total", "counter", ("status",),
            "WebSocket upgrades answered with an HTTP error instead of 101, by status."),
     Metric("glb_http_requests_total", "counter", ("backend", "code"),
@@ -120,11 +120,12 @@ class BalancerCollector:
         for kind in KINDS:
             f["glb_connections"].add_metric([kind], open_by_kind[kind])
             f["glb_connections_total"].add_metric([kind], stats.connections_total.get(kind, 0))
+        for limit, count in sorted(stats.connections_refused.items()):
+            f["glb_connections_refused_total"].add_metric([limit], count)
         for backend in balancer.registry.all():
             name = backend.name
-            healthy = backend.health == UP
-            f["glb_backend_up"].add_metric([name], 1 if backend.state == READY and healthy else 0)
-            f["glb_backend_healthy"].add_metric([name], 1 if healthy else 0)
+            f["glb_backend_up"].add_metric([name], 1 if backend.state == READY and backend.health == UP else 0)
+            f["glb_backend_healthy"].add_metric([name], 1 if backend.health == UP else 0)
             for state in STATES:
                 f["glb_backend_state"].add_metric([name, state], 1 if backend.state == state else 0)
             f["glb_backend_sessions"].add_metric([name], backend.relayed)
@@ -140,8 +141,6 @@ class BalancerCollector:
                 f["glb_ws_bytes_total"].add_metric([name, direction], figures.bytes(direction))
         for (code, closed_by), count in sorted(stats.closes.items()):
             f["glb_ws_closes_total"].add_metric([str(code), closed_by], count)
-        for reason, count in sorted(balancer.admission.refused.items()):
-            f["glb_connections_refused_total"].add_metric([reason], count)
         for status, count in sorted(stats.handshake_rejections.items()):
             f["glb_handshake_rejections_total"].add_metric([str(status)], count)
         for (name, code), count in sorted(stats.http_requests.items()):

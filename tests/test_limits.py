@@ -151,11 +151,11 @@ def test_max_connections_counts_plain_http_keep_alive_connections_too():
         third.close()
         second.sendall(b"GET /glb/metrics HTTP/1.1\r\nHost: x\r\n\r\n")
         scraped = b""
-        while b'glb_connections_refused_total{reason="max_connections"}' not in scraped:
+        while b'glb_connections_refused_total{limit="max_connections"}' not in scraped:
             data = second.recv(65536)
             assert data, "metrics ended without the refusal counter"
             scraped += data
-        assert b'glb_connections_refused_total{reason="max_connections"} 1.0' in scraped
+        assert b'glb_connections_refused_total{limit="max_connections"} 1.0' in scraped
         first.close()
         wait_until(lambda: glb.admission.limits.total < 2)
         status, fourth = upgrade(address)
