@@ -432,6 +432,15 @@ SETTINGS = (
             "Other backends tried for a new session when the chosen one cannot be reached."),
     Setting("glb", "shutdown_timeout", Seconds(), "10",
             "On SIGINT or SIGTERM, how long open sessions get to close before they are cut."),
+    Setting("glb", "upgrade_timeout", Seconds(positive=True), "30",
+            "On SIGUSR2, how long the new glb gets to start and say it is ready before it is stopped "
+            "and the running one carries on."),
+    Setting("glb", "drain_timeout", Seconds(), "60",
+            "After handing over to a new glb (SIGUSR2), how long the old one keeps relaying its open "
+            "sessions before closing them with 1001."),
+    Setting("glb", "drain_spread", Seconds(), "10",
+            "Those 1001 closes are spread at random over this many seconds, so clients do not "
+            "reconnect all at once (0 = all together)."),
     Setting("glb", "max_connections", Int(min=0), "0",
             "Most open connections (HTTP and WebSocket, control channels included); a new one beyond "
             "it gets 503 and an `error` event. 0 = half the file descriptor limit (raised to the hard "
