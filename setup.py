@@ -17,7 +17,7 @@ setup(
         "blinker>=1.7",
         "prometheus_client>=0.20",
     ],
-    entry_points={"console_scripts": ["glb = glb.__main__:main"]},
+    entry_points={"console_scripts": ["glb = glb.__main__:main", "glb-ctl = glb.ctl:main"]},
     classifiers=[
         "Programming Language :: Python :: 3.11",
         "Framework :: Gevent",

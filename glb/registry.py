@@ -2,8 +2,11 @@
 
 The control-channel greenlet hands each text frame to ``Registration.receive``
 and only moves bytes; the relay reports sessions with ``session_started`` /
-``session_ended``; the balancer reads ``candidates()``, which is cached and
-rebuilt only after a change (``version`` counts changes).
+``session_ended``; health checks move a backend between ``up`` and ``down``
+(``mark_down`` / ``mark_up`` / ``connect_failed``); the operator drains and
+reweights (``drain`` / ``resume`` / ``set_weight``); the balancer reads
+``candidates()``, which is cached and rebuilt only after a change (``version``
+counts changes).
 
 Errors::
 
@@ -520,10 +523,12 @@ class Registry:
         """A connect or handshake to ``backend`` failed; True when it should now be ejected.
 
         ``max_fails`` failures within ``fail_timeout`` seconds (passive check): the caller
-        marks it down until ``now + fail_timeout``.
+        marks it down until ``now + fail_timeout``. The only candidate left is never ejected.
         """
         if not backend.max_fails or backend.health == DOWN or backend.state == GONE:
             return False
+        if self.candidates() == (backend,):
+            return False  # the last one left (nginx ignores max_fails for a lone server): 503 helps nobody
         now = time.monotonic() if now is None else now
         window = backend.fail_timeout
         failures = [t for t in backend.failures if now - t < window]

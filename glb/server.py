@@ -17,7 +17,7 @@ from gevent.pool import Group
 from gevent.pywsgi import WSGIHandler, WSGIServer
 from geventwebsocket.handler import WebSocketHandler
 
-from glb import broadcast  # Balancer.broadcast / write_data / ping delegate to it
+from glb import broadcast  # Balancer.broadcast / write_data / write_backend_client / ping delegate to it
 from glb import handshake, reload, tls
 from glb.admin import AdminApi
 from glb.admission import Admission
@@ -342,8 +342,12 @@ class Balancer:
         return broadcast.broadcast(self, message, channel, protocol, include, exclude)
 
     def write_data(self, connection_id, message):
-        """Send to one connection: glb's own (Connection.id) or a backend's client; 0 = nowhere."""
+        """Send to one of glb's own connections (Connection.id); 1 if written, 0 if not."""
         return broadcast.write_data(self, connection_id, message)
+
+    def write_backend_client(self, client_id, message):
+        """Send to a client a backend reported (its own id), through the backends; how many took it."""
+        return broadcast.write_backend_client(self, client_id, message)
 
     def ping(self):
         """Ping every WebSocket glb accepted, control channels included; how many were pinged."""

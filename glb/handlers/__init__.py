@@ -6,9 +6,11 @@ naming it, so a typo never silently does nothing.
 
 A module that takes settings defines ``configure(section)``: it is called once
 per Balancer with the module's settings (the config section named after the
-module, declared in ``glb.config`` like every other setting; None when it has
-none) and returns the object whose ``on_<event>`` methods are the handlers.
-Several balancers in one process each get their own object.
+module; None when it has none) and returns the object whose ``on_<event>``
+methods are the handlers. Several balancers in one process each get their own
+object. glb's bundled modules declare their settings in ``glb.config``; any other
+module declares them in a module-level ``SETTINGS`` tuple of ``glb.config.Setting``
+rows whose section is the module's name, checked when the config is loaded.
 
 On reload the listed modules are imported afresh from their source (the
 modules they import are not): ``Handlers(..., fresh=True)`` builds the
@@ -44,11 +46,13 @@ def inspect_module(module_name, settings=None, fresh=False):
     source = module
     configure = getattr(module, "configure", None)
     if configure is not None:
-        if settings is None:
-            from glb.config import Settings
-            settings = Settings.defaults()
+        from glb import config  # the settings machinery, only for modules that take settings
+
+        section = (settings or config.Settings.defaults()).handler_settings(module_name)
         try:
-            source = configure(settings.handler_settings(module_name))
+            if section is None:
+                section = config.module_defaults(module)  # its own SETTINGS, none given in the file
+            source = configure(section)
         except Exception as exc:
             raise HandlerLoadError(f"handler module {module_name!r}: configure() failed: "
                                    f"{type(exc).__name__}: {exc}") from exc
