@@ -191,7 +191,7 @@ def prepare(balancer, settings, handlers):
         existing = registry.get(name)
         if existing is not None and not existing.static:
             raise ConfigError(f"a backend with guid {name!r} is registered over a control channel",
-                                     file, f"backend:{name}")
+                              file, f"backend:{name}")
     try:
         for scheme, addresses in (("http", settings.glb.listen), ("https", settings.tls.listen)):
             for address in addresses:

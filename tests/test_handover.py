@@ -13,8 +13,12 @@ import pytest
 from glb import config, listeners, systemd
 from glb.agent import Agent
 from glb.listeners import InheritedListeners
+from glb.server import Balancer
 from tests.backends import ScriptedBackend, started
-from tests.support import Connector, GlbProcess, Traffic, open_session_pid as open_session, recv_close
+from tests.support import (
+    Connector, GlbProcess, Traffic, make_settings, open_session_pid as open_session, recv_close, ws_connect,
+)
+from tests.test_tls import Pki
 
 
 # -- inherited listeners and notifications (no glb process) ----------------------------------------
@@ -203,3 +207,21 @@ def test_shipped_systemd_units_fit_the_shipped_config():
     streams = re.findall(r"^ListenStream=(\S+)$", unit_socket, re.M)
     listen = config.load(os.path.join(root, "conf", "lb.ini")).glb.listen
     assert streams and all(config.HostPort().parse(stream, root) in listen for stream in streams)
+
+
+@pytest.mark.timeout(30)
+def test_inherited_tls_listener_serves_tls_with_the_configured_certificate(tmp_path):
+    pki = Pki(tmp_path, "glb")
+    sock = socket.create_server(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    settings = make_settings(tls={"listen": "127.0.0.1:0", "certfile": pki.certfile, "keyfile": pki.keyfile})
+    balancer = Balancer(settings)
+    balancer.start(InheritedListeners({"https://127.0.0.1:0": sock}))
+    try:
+        assert balancer.tls_addresses == [("127.0.0.1", port)]
+        ws = ws_connect(f"wss://127.0.0.1:{port}/glb/echo", sslopt={"context": pki.client_context()})
+        ws.send("over tls")
+        assert ws.recv() == "over tls"
+        ws.close()
+    finally:
+        balancer.stop(timeout=1)
