@@ -1,11 +1,12 @@
 """Server wiring: listeners, routing, the upgrade path and graceful shutdown.
 
-``Balancer`` is one running glb. Each listener is a gevent ``WSGIServer`` with
-``UpgradeHandler`` (gevent-websocket's handler, with glb's handshake checks).
-A valid upgrade becomes a *session*: an object with ``response_headers`` and
-``run()`` chosen by path (own echo, control channel, client relay). The 101 is
-written by glb, then the socket is detached from pywsgi so the handler, its
-environ and its buffers are freed while the session lives in its own greenlet.
+``Balancer`` is one running glb. Each listener is a gevent ``WSGIServer`` whose
+handler class, ``UpgradeHandler`` (glb.http_server), reads every request itself:
+glb's own endpoints (``http_routes``), upgrades (``handle_upgrade``) and the rest
+(``http_proxy``). A valid upgrade becomes a *session*: an object with
+``response_headers`` and ``run()`` chosen by path (own echo, control channel,
+client relay). The 101 is written by glb, then the socket is detached from the
+server so the session lives in its own greenlet.
 """
 
 import logging
@@ -14,8 +15,7 @@ import time
 
 import gevent
 from gevent.pool import Group
-from gevent.pywsgi import WSGIHandler, WSGIServer
-from geventwebsocket.handler import WebSocketHandler
+from gevent.pywsgi import WSGIServer
 
 from glb import broadcast  # Balancer.broadcast / write_data / ping delegate to it
 from glb import handshake, tls
@@ -26,6 +26,7 @@ from glb.errors import CloseCode, Status
 from glb.events import EventBus
 from glb.handlers import load_handlers
 from glb.http_proxy import HttpProxy
+from glb.http_server import UpgradeHandler
 from glb.own_sessions import EchoSession
 from glb.relay import DETACHED, ClientSession
 from glb.status import StatusEndpoint
@@ -33,29 +34,6 @@ from glb.registry import Registry
 from glb.websocket import WebSocket
 
 log = logging.getLogger("glb.server")
-
-
-class UpgradeHandler(WebSocketHandler):
-    """pywsgi handler: upgrades go to the balancer, everything else to the WSGI app."""
-
-    def handle(self):
-        if self.socket.family != stdlib_socket.AF_UNIX:
-            # pywsgi writes headers and body separately: without this, Nagle delays small answers
-            self.socket.setsockopt(stdlib_socket.IPPROTO_TCP, stdlib_socket.TCP_NODELAY, 1)
-        # A client that sends its request (or the next one) too slowly is let go; sessions
-        # clear this once upgraded (see _take_socket).
-        self.socket.settimeout(getattr(self.server, "read_timeout", None))
-        super().handle()
-
-    def run_application(self):
-        if handshake.is_upgrade_request(self.environ):
-            self.server.balancer.handle_upgrade(self)
-        else:
-            WSGIHandler.run_application(self)
-
-    def log_request(self):
-        # access lines come from the access_log handler module, not pywsgi
-        pass
 
 
 class Balancer:
@@ -109,23 +87,22 @@ class Balancer:
         if not settings.backends.verify:
             log.warning("= [backends] verify = false: certificates of wss:// and https:// backends are not checked")
         for host, port in settings.glb.listen:
-            server = WSGIServer((host, port), self.wsgi_app, handler_class=UpgradeHandler,
+            server = WSGIServer((host, port), _no_application, handler_class=UpgradeHandler,
                                 log=None, error_log=_PywsgiErrorLog())
             server.balancer = self
-            server.read_timeout = settings.glb.handshake_timeout
             server.start()
             self.servers.append(server)
             log.info("= listening on http://%s", _format_address(server.address))
         for (host, port), context in contexts:
-            server = tls.TLSServer((host, port), self.wsgi_app, context,
+            server = tls.TLSServer((host, port), _no_application, context,
                                    handshake_timeout=settings.glb.handshake_timeout,
                                    handler_class=UpgradeHandler, log=None, error_log=_PywsgiErrorLog())
             server.balancer = self
-            server.read_timeout = settings.glb.handshake_timeout
             server.start()
             self.servers.append(server)
             log.info("= listening on https://%s", _format_address(server.address))
         self._sweeper = gevent.spawn(self._sweep_forever)
+        self.http_proxy.start()
         return self.addresses
 
     def _sweep_forever(self):
@@ -178,14 +155,21 @@ class Balancer:
 
     # -- plain HTTP --------------------------------------------------------
 
-    def wsgi_app(self, environ, start_response):
-        route = self.http_routes.get(environ.get("PATH_INFO", ""))
-        if route is not None:
-            return route(environ, start_response)
-        return self.forward_http(environ, start_response)
+    def http_route(self, path):
+        """glb's own WSGI endpoint for ``path``, or None (the request is forwarded).
 
-    def forward_http(self, environ, start_response):
-        return self.http_proxy(environ, start_response)
+        An exact entry of ``http_routes`` first; else the longest entry ending in
+        ``/`` that ``path`` starts with (``/glb/admin/`` serves everything under it).
+        The prefix itself (``/glb/``) only ever matches exactly.
+        """
+        route = self.http_routes.get(path)
+        if route is not None or not path.startswith(self.prefix):
+            return route
+        best = ""
+        for key in self.http_routes:
+            if key[-1:] == "/" and key != self.prefix and path.startswith(key) and len(key) > len(best):
+                best = key
+        return self.http_routes[best] if best else None
 
     # -- upgrades ----------------------------------------------------------
 
@@ -357,6 +341,11 @@ def _take_socket(handler):
 def _format_address(address):
     host, port = address[:2]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _no_application(environ, start_response):
+    """gevent's server wants an application; glb's handler class never calls it."""
+    raise RuntimeError("glb answers every request itself")
 
 
 class _PywsgiErrorLog:
