@@ -118,27 +118,69 @@ class Framing:
         return self.chunked or bool(self.length)
 
 
-def _headers_and_framing(raw_headers):
-    """Decoded ``(name, value)`` pairs and the Framing, after the checks llhttp leaves to us."""
-    headers = []
-    lengths, codings, hosts, connection = [], [], 0, set()
-    for name, value in raw_headers:
-        if not _TOKEN.match(name):
-            raise HeadError(f"header name {name[:40]!r} is not a token")
-        value = value.strip(b" \t")
-        if _FIELD_VALUE_BAD.search(value):
-            raise HeadError(f"control character in header {name.decode('ascii')}")
-        text_name = name.decode("ascii")
-        lower = text_name.lower()
-        if lower == "content-length":
-            lengths.append(value)
-        elif lower == "transfer-encoding":
-            codings.append(value)
-        elif lower == "host":
-            hosts += 1
-        elif lower == "connection":
-            connection.update(token.strip().lower() for token in value.split(b","))
-        headers.append((text_name, value.decode("latin-1")))
+# Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus the
+# proxy ones; a proxy never forwards them. Names listed in Connection join them.
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "te", "trailer", "trailers", "transfer-encoding", "upgrade",
+    "proxy-connection", "proxy-authenticate", "proxy-authorization",
+})
+_HOP = 1  # codes for the header names the one pass over a head looks at
+_LENGTH, _CODING, _HOST, _CONNECTION, _UPGRADE, _EXPECT = range(2, 8)
+_NAME_CODES = dict.fromkeys((name.encode() for name in HOP_BY_HOP), _HOP)
+_NAME_CODES.update({b"content-length": _LENGTH, b"transfer-encoding": _CODING, b"host": _HOST,
+                    b"connection": _CONNECTION, b"upgrade": _UPGRADE, b"expect": _EXPECT})
+_WHITESPACE_END = (b" ", b"\t")
+
+
+def decode_pairs(raw):
+    """``(name, value)`` byte pairs as str pairs (Latin-1, as RFC 9110 allows for obs-text)."""
+    return [(name.decode("latin-1"), value.decode("latin-1")) for name, value in raw]
+
+
+class _Scan:
+    """What one pass over a head's header fields found."""
+
+    __slots__ = ("kept", "framing", "hosts", "connection", "upgrade", "expect")
+
+
+def _scan(raw_headers, drop_hop_by_hop=False):
+    """One pass, bytes only: the pairs kept (values without trailing whitespace) and the framing.
+
+    llhttp has already refused names that are not tokens and values with control
+    characters; what is left is framing (one length or one ``chunked``, never both)
+    and, for a response, dropping hop-by-hop headers in the same pass.
+    """
+    kept = []
+    lengths, codings, hosts, connection, upgrade, expect = [], [], 0, set(), b"", b""
+    codes = _NAME_CODES
+    for pair in raw_headers:
+        value = pair[1]
+        if value[-1:] in _WHITESPACE_END:
+            value = value.rstrip(b" \t")
+            pair = (pair[0], value)
+        code = codes.get(pair[0].lower())
+        if code is not None:
+            if code == _LENGTH:
+                lengths.append(value)
+            elif code == _CODING:
+                codings.append(value)
+                code = _HOP
+            elif code == _HOST:
+                hosts += 1
+            elif code == _CONNECTION:
+                for token in value.split(b","):
+                    connection.add(token.strip().lower())
+                code = _HOP
+            elif code == _UPGRADE:
+                upgrade = value.strip().lower()
+                code = _HOP
+            elif code == _EXPECT:
+                expect = value.strip().lower()
+            if drop_hop_by_hop and code == _HOP:
+                continue
+        kept.append(pair)
+    if drop_hop_by_hop and connection and not connection <= {b"close", b"keep-alive"}:
+        kept = [pair for pair in kept if pair[0].lower() not in connection]
     framing = Framing()
     if codings:
         if lengths:
@@ -152,7 +194,10 @@ def _headers_and_framing(raw_headers):
         if not lengths[0].isdigit() or len(lengths[0]) > 18:
             raise HeadError("Content-Length is not a number")
         framing.length = int(lengths[0])
-    return headers, framing, hosts, connection
+    scan = _Scan()
+    scan.kept, scan.framing, scan.hosts, scan.connection, scan.upgrade, scan.expect = (
+        kept, framing, hosts, connection, upgrade, expect)
+    return scan
 
 
 def _keep_alive(version, connection):
@@ -162,11 +207,23 @@ def _keep_alive(version, connection):
     return version == "1.1" or b"keep-alive" in connection
 
 
-class RequestHead:
-    """One parsed request head: what the rest of glb reads; ``headers`` are (name, value) str pairs."""
+class _Head:
+    """``raw_headers`` as received (bytes pairs); ``headers`` the same decoded, made on first use."""
 
-    __slots__ = ("method", "target", "path", "query", "version", "headers", "framing",
-                 "keep_alive", "expect_continue", "upgrade")
+    __slots__ = ()
+
+    @property
+    def headers(self):
+        if self._headers is None:
+            self._headers = decode_pairs(self.raw_headers)
+        return self._headers
+
+
+class RequestHead(_Head):
+    """One parsed request head: what the rest of glb reads."""
+
+    __slots__ = ("method", "target", "path", "query", "version", "raw_headers", "_headers", "framing",
+                 "keep_alive", "expect_continue", "upgrade", "connection")
 
     def __repr__(self):
         return f"<RequestHead {self.method} {self.target} HTTP/{self.version}>"
@@ -182,7 +239,8 @@ def parse_request_head(reader):
     head.method = parser.get_method().decode("ascii")
     if head.method == "CONNECT":
         raise HeadError("CONNECT is not supported", Status.METHOD_NOT_ALLOWED)
-    headers, framing, hosts, connection = _headers_and_framing(collector.headers)
+    scan = _scan(collector.headers)
+    raw, hosts = scan.kept, scan.hosts
     target = collector.url.decode("latin-1")
     if not target.startswith("/"):
         if target == "*" and head.method == "OPTIONS":
@@ -190,7 +248,7 @@ def parse_request_head(reader):
         elif target.lower().startswith(("http://", "https://")):
             authority, _, rest = target.split("://", 1)[1].partition("/")
             target = "/" + rest
-            headers = [pair for pair in headers if pair[0].lower() != "host"] + [("Host", authority)]
+            raw = [pair for pair in raw if pair[0].lower() != b"host"] + [(b"Host", authority.encode("latin-1"))]
             hosts = 1
         else:
             raise HeadError("request target is not a path")
@@ -201,24 +259,20 @@ def parse_request_head(reader):
     head.target = target
     head.path, _, head.query = target.partition("?")
     head.version = version
-    head.headers = headers
-    head.framing = framing
-    head.keep_alive = _keep_alive(version, connection)
-    head.expect_continue = False
-    head.upgrade = ""
-    for name, value in headers:
-        lower = name.lower()
-        if lower == "expect" and value.lower() == "100-continue" and version == "1.1":
-            head.expect_continue = True
-        elif lower == "upgrade":
-            head.upgrade = value.strip().lower()
+    head.raw_headers = raw
+    head._headers = None
+    head.framing = scan.framing
+    head.keep_alive = _keep_alive(version, scan.connection)
+    head.connection = scan.connection  # lower-case tokens of Connection: hop-by-hop names among them
+    head.expect_continue = scan.expect == b"100-continue" and version == "1.1"
+    head.upgrade = scan.upgrade.decode("latin-1")
     return head
 
 
-class ResponseHead:
-    """One parsed response head from a backend."""
+class ResponseHead(_Head):
+    """One parsed response head from a backend; ``raw_headers`` without the hop-by-hop ones."""
 
-    __slots__ = ("status", "reason", "version", "headers", "framing", "keep_alive")
+    __slots__ = ("status", "reason", "version", "raw_headers", "_headers", "framing", "keep_alive")
 
 
 def parse_response_head(reader, request_method):
@@ -231,8 +285,11 @@ def parse_response_head(reader, request_method):
     head.status = parser.get_status_code()
     head.reason = collector.reason.decode("latin-1")
     head.version = version
-    head.headers, framing, _, connection = _headers_and_framing(collector.headers)
-    head.keep_alive = _keep_alive(version, connection)
+    scan = _scan(collector.headers, drop_hop_by_hop=True)
+    head.raw_headers = scan.kept
+    head._headers = None
+    framing = scan.framing
+    head.keep_alive = _keep_alive(version, scan.connection)
     if request_method == "HEAD" or head.status < 200 or head.status in NO_BODY_STATUSES:
         framing = Framing(length=0)
     elif not framing.chunked and framing.length is None:
@@ -373,6 +430,24 @@ def encode_head(first_line, headers):
     parts.extend(f"{name}: {value}" for name, value in headers)
     parts.append("\r\n")
     return "\r\n".join(parts).encode("latin-1")
+
+
+def encode_raw_head(first_line, raw_headers, extra=b""):
+    """A head's bytes from bytes: ``first_line`` (no CRLF), ``(name, value)`` byte pairs, ``extra`` lines."""
+    parts = [first_line]
+    for name, value in raw_headers:
+        parts += (b"\r\n", name, b": ", value)
+    parts += (b"\r\n", extra, b"\r\n")
+    return b"".join(parts)
+
+
+def encode_pairs(pairs):
+    """Str pairs (a handler's) as byte pairs, each checked first (ValueError for a broken one)."""
+    out = []
+    for name, value in pairs:
+        check_header_text(name, value)
+        out.append((name.encode("latin-1"), value.encode("latin-1")))
+    return out
 
 
 def encode_chunk(data):

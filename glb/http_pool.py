@@ -25,6 +25,14 @@ from glb.http_parse import HeadReader, parse_response_head
 from glb.registry import GONE
 
 RECV_SIZE = 65536
+_PEEK = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)  # an int: the flags enum costs a call per use
+
+
+def send_all(sock, data):
+    """``sendall`` without gevent's per-call buffer-size lookup: one ``send`` usually takes it all."""
+    sent = sock.send(data)
+    if sent < len(data):
+        sock.sendall(memoryview(data)[sent:])
 
 
 class BackendClosed(ConnectionResetError):
@@ -70,7 +78,7 @@ class BackendConnection:
         if raw is None or self.buffer:
             return bool(self.buffer)
         try:
-            raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            raw.recv(1, _PEEK)
         except BlockingIOError:
             return False
         except OSError:

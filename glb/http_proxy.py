@@ -47,25 +47,22 @@ from urllib3 import HTTPHeaderDict
 from glb.balancing import HashPolicy, PickRequest, make_policy
 from glb.connection import CLIENT, Connection, Headers
 from glb.errors import Status
-from glb.http_parse import (
-    NO_BODY_STATUSES, HeadError, UntilCloseBody, body_for, check_header_text, encode_chunk,
-    encode_head, encode_last_chunk,
+from glb.http_parse import (  # noqa: F401 (HOP_BY_HOP: part of this module's interface)
+    HOP_BY_HOP, NO_BODY_STATUSES, HeadError, UntilCloseBody, body_for, decode_pairs, encode_chunk,
+    encode_head, encode_last_chunk, encode_pairs, encode_raw_head,
 )
-from glb.http_pool import BackendClosed, Pools, backend_ssl_context_factory
+from glb.http_pool import BackendClosed, Pools, backend_ssl_context_factory, send_all
 from glb.http_server import ClientGone
 
 log = logging.getLogger("glb.http")
 
-HOP_BY_HOP = frozenset({
-    "connection", "keep-alive", "te", "trailer", "trailers", "transfer-encoding", "upgrade",
-    "proxy-connection", "proxy-authenticate", "proxy-authorization",
-})
 # Not hop-by-hop, but glb owns them: the length is the body glb sends, and glb
 # itself answers ``Expect: 100-continue``.
 REQUEST_OWN = frozenset({"content-length", "expect"})
 IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS", "TRACE"})
 BUFFER_LIMIT = 16 * 1024 * 1024  # most a handler may buffer by reading .body
 _FORWARDED = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"})
+_REQUEST_DROP = frozenset(name.encode() for name in HOP_BY_HOP | REQUEST_OWN | _FORWARDED)
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})  # an empty body is still said (Content-Length: 0)
 
 
@@ -90,26 +87,28 @@ def strip_hop_by_hop(headers):
     return [(name, value) for name, value in headers if name.lower() not in drop]
 
 
-def forward_request_headers(pairs, peer_ip, scheme):
-    """The pairs a backend gets: hop-by-hop and glb's own removed, X-Forwarded-* appended/set."""
-    drop = hop_by_hop_names(pairs) | REQUEST_OWN | _FORWARDED
+def forward_request_headers(raw, peer_ip, scheme, connection_listed=()):
+    """The byte pairs a backend gets: hop-by-hop and glb's own removed, X-Forwarded-* appended/set.
+
+    ``connection_listed``: lower-case names the client listed in Connection (hop-by-hop too).
+    """
     out, chain, host = [], [], None
-    for name, value in pairs:
-        lower = name.lower()
-        if lower in drop:
-            if lower == "x-forwarded-for":
-                chain.append(value)
+    for pair in raw:
+        lower = pair[0].lower()
+        if lower in _REQUEST_DROP or lower.startswith(b"proxy-") or lower in connection_listed:
+            if lower == b"x-forwarded-for":
+                chain.append(pair[1])
             continue
-        if lower == "host":
-            host = value
-        out.append((name, value))
+        if lower == b"host":
+            host = pair[1]
+        out.append(pair)
     if peer_ip:
-        chain.append(peer_ip)
+        chain.append(peer_ip.encode("latin-1"))
     if chain:
-        out.append(("X-Forwarded-For", ", ".join(chain)))
-    out.append(("X-Forwarded-Proto", scheme))
+        out.append((b"X-Forwarded-For", b", ".join(chain)))
+    out.append((b"X-Forwarded-Proto", scheme.encode("latin-1")))
     if host:
-        out.append(("X-Forwarded-Host", host))
+        out.append((b"X-Forwarded-Host", host))
     return out
 
 
@@ -200,31 +199,37 @@ def _read_bounded(read, limit):
 
 
 class _HeaderHolder:
-    """``headers`` as handlers see them, made only when a handler looks: pairs until then."""
+    """``headers`` as handlers see them, made only when a handler looks: raw byte pairs until then."""
 
-    def _init_headers(self, pairs):
-        self._pairs = pairs
-        self._headers = None
+    def _init_headers(self, raw=None, pairs=None):
+        self._raw = raw  # byte pairs as they will be written, while no handler has looked
+        self._headers = None if pairs is None else HTTPHeaderDict(pairs)
 
     @property
     def headers(self):
         """A case-insensitive HTTPHeaderDict keeping repeats: ``add()`` one, ``getlist()`` all."""
         if self._headers is None:
-            self._headers = HTTPHeaderDict(self._pairs)
+            self._headers = HTTPHeaderDict(decode_pairs(self._raw))
         return self._headers
 
     @headers.setter
     def headers(self, value):
         self._headers = value if isinstance(value, HTTPHeaderDict) else HTTPHeaderDict(header_items(value))
 
+    @property
+    def touched(self):
+        """A handler has looked at (and may have changed) the headers."""
+        return self._headers is not None
+
     def header_pairs(self):
-        """The pairs to write; a handler's headers are checked first (ValueError for a broken one)."""
+        """The headers as str pairs."""
+        return header_items(self._headers) if self._headers is not None else decode_pairs(self._raw)
+
+    def wire_headers(self):
+        """The byte pairs to write; a handler's are checked first (ValueError for a broken one)."""
         if self._headers is None:
-            return list(self._pairs)
-        pairs = header_items(self._headers)
-        for name, value in pairs:
-            check_header_text(name, value)
-        return pairs
+            return list(self._raw)
+        return encode_pairs(header_items(self._headers))
 
 
 # --------------------------------------------------------------------------- request / response
@@ -243,7 +248,7 @@ class HttpRequest(_HeaderHolder):
     def __init__(self, method, path, query, headers, peer_ip="", scheme="http", source=None,
                  length=None, buffer_limit=BUFFER_LIMIT, peer_port=0):
         self.method, self.path, self.query = method, path, query
-        self._init_headers(headers)
+        self._init_headers(raw=headers)
         self.peer_ip, self.scheme, self.peer_port = peer_ip, scheme, peer_port
         self._source = source  # a ClientBody still to be read, or None
         self._length = length  # its Content-Length, None for chunked
@@ -313,9 +318,10 @@ class HttpResponse(_HeaderHolder):
     reading a streamed body buffers up to the limit and reads None beyond it.
     """
 
-    def __init__(self, status, headers, body=b"", reason=None, source=None, buffer_limit=BUFFER_LIMIT):
+    def __init__(self, status, headers=None, body=b"", reason=None, source=None, buffer_limit=BUFFER_LIMIT,
+                 raw=None):
         self.status = status
-        self._init_headers(headers)
+        self._init_headers(raw=raw, pairs=headers if raw is None else None)
         self._reason = (status, reason)
         self._source = source  # a BackendBody still to be read, or None
         self._buffer_limit = buffer_limit
@@ -501,8 +507,8 @@ class HttpProxy:
             return self.answer_plain(client, head, Status.NOT_FOUND, reason.encode())
         body = client.body(head)
         request = HttpRequest(head.method, head.path, head.query,
-                              forward_request_headers(head.headers, client.peer[0],
-                                                      "https" if client.secure else "http"),
+                              forward_request_headers(head.raw_headers, client.peer[0],
+                                                      "https" if client.secure else "http", head.connection),
                               client.peer[0], "https" if client.secure else "http", body,
                               head.framing.length, self.buffer_limit, client.peer[1])
         ex = _Exchange(client, head, request, body)
@@ -601,37 +607,38 @@ class HttpProxy:
                 if stale and attempt == 1 and ex.request.replayable:
                     continue  # the backend had closed the idle connection: once more on a new one
                 raise
-            return HttpResponse(head.status, head.headers, reason=head.reason,
+            return HttpResponse(head.status, raw=head.raw_headers, reason=head.reason,
                                 source=BackendBody(self, conn, head, ex.uploading),
                                 buffer_limit=self.buffer_limit)
 
     def write_request(self, ex, conn, base):
         request, body = ex.request, ex.body
-        pairs = request.header_pairs()
-        if self.backend_host or not any(name.lower() == "host" for name, _ in pairs):
-            netloc = self.pools.address(base)[3]
-            pairs = [(n, v) for n, v in pairs if n.lower() != "host"] + [("Host", netloc)]
+        pairs = request.wire_headers()
+        if self.backend_host or not any(name.lower() == b"host" for name, _ in pairs):
+            netloc = self.pools.address(base)[3].encode("latin-1")
+            pairs = [(n, v) for n, v in pairs if n.lower() != b"host"] + [(b"Host", netloc)]
         payload = b""
         stream = False
         if request._body is not None:
             payload = request._body
             if payload or request.method in _BODY_METHODS:
-                pairs.append(("Content-Length", str(len(payload))))
+                pairs.append((b"Content-Length", b"%d" % len(payload)))
         elif body is not None:
             available = body.available() if not request._prefix else None
             if available is not None:
                 payload = request._body = available
-                pairs.append(("Content-Length", str(len(payload))))
+                pairs.append((b"Content-Length", b"%d" % len(payload)))
             elif request._length is not None:
-                pairs.append(("Content-Length", str(request._length)))
+                pairs.append((b"Content-Length", b"%d" % request._length))
                 stream = True
             else:
-                pairs.append(("Transfer-Encoding", "chunked"))
+                pairs.append((b"Transfer-Encoding", b"chunked"))
                 stream = True
         elif request.method in _BODY_METHODS:
-            pairs.append(("Content-Length", "0"))
+            pairs.append((b"Content-Length", b"0"))
         target = f"{request.path}?{request.query}" if request.query else request.path
-        conn.sock.sendall(encode_head(f"{request.method} {target} HTTP/1.1", pairs) + payload)
+        line = f"{request.method} {target} HTTP/1.1".encode("latin-1")
+        send_all(conn.sock, encode_raw_head(line, pairs) + payload)
         if stream:
             ex.upload_done = False
             ex.uploader = gevent.spawn(self.upload, ex, conn, request._length is None)
@@ -643,9 +650,9 @@ class HttpProxy:
         request, sock = ex.request, conn.sock
         try:
             for piece in request.pieces():
-                sock.sendall(encode_chunk(piece) if chunked else piece)
+                send_all(sock, encode_chunk(piece) if chunked else piece)
             if chunked:
-                sock.sendall(encode_last_chunk(ex.body.trailers))
+                send_all(sock, encode_last_chunk(ex.body.trailers))
             ex.upload_done = True
         except (ClientGone, HeadError) as exc:
             request.client_failure = f"request body: {exc}" if "request body" not in str(exc) else str(exc)
@@ -665,8 +672,8 @@ class HttpProxy:
             if head.status == 101:
                 raise HeadError("101 Switching Protocols to a plain request")
             if ex.head.version == "1.1" and head.status != 100:
-                ex.client.send(encode_head(f"HTTP/1.1 {status_line(head.status, head.reason)}",
-                                           strip_hop_by_hop(head.headers)))
+                line = f"HTTP/1.1 {status_line(head.status, head.reason)}".encode("latin-1")
+                ex.client.send(encode_raw_head(line, head.raw_headers))
 
     def resolve(self, backend):
         """The backend a handler left in ``event.backend``: a Backend, a guid or an http(s) URL."""
@@ -700,19 +707,23 @@ class HttpProxy:
         if source is None and response._source is not None:
             response._source.release()  # a body buffered or replaced: the backend's is done with
         no_body = head.method == "HEAD" or response.status in NO_BODY_STATUSES or response.status < 200
-        pairs = strip_hop_by_hop(response.header_pairs())
+        touched = response.touched  # else: the backend's pairs, hop-by-hop already gone
+        pairs = encode_pairs(strip_hop_by_hop(response.header_pairs())) if touched else list(response._raw)
         keep = head.keep_alive and request.client_failure is None
         chunked = False
         payload = b""
+        extra = []
         if not no_body:
-            pairs = [(n, v) for n, v in pairs if n.lower() != "content-length"]
+            if source is None or touched:
+                pairs = [(n, v) for n, v in pairs if n.lower() != b"content-length"]
             if source is None:
                 payload = response._body
-                pairs.append(("Content-Length", str(len(payload))))
+                extra.append(b"Content-Length: %d" % len(payload))
             elif source.length is not None:
-                pairs.append(("Content-Length", str(source.length)))
+                if touched:
+                    extra.append(b"Content-Length: %d" % source.length)
             elif head.version == "1.1":
-                pairs.append(("Transfer-Encoding", "chunked"))
+                extra.append(b"Transfer-Encoding: chunked")
                 chunked = True
             else:
                 keep = False  # an HTTP/1.0 client learns the end when glb closes
@@ -722,10 +733,11 @@ class HttpProxy:
         if ex.body is not None and not ex.body.done and source is None:
             keep = False  # the client's body was not read to its end
         if not keep:
-            pairs.append(("Connection", "close"))
+            extra.append(b"Connection: close")
         elif head.version == "1.0":
-            pairs.append(("Connection", "keep-alive"))
-        out = encode_head(f"HTTP/1.1 {response.status_text}", pairs)
+            extra.append(b"Connection: keep-alive")
+        out = encode_raw_head(f"HTTP/1.1 {response.status_text}".encode("latin-1"), pairs,
+                              b"".join(line + b"\r\n" for line in extra))
         if source is None:
             ex.answered = True
             client.send(out + payload)
@@ -778,7 +790,7 @@ class HttpProxy:
     def report(self, request, text):
         """Fire ``error`` (and log) for a failed request, with a connection describing it."""
         conn = Connection((request.peer_ip, request.peer_port), request.path, request.query,
-                          Headers(request._pairs), CLIENT, secure=request.scheme == "https")
+                          Headers(request.header_pairs()), CLIENT, secure=request.scheme == "https")
         self.balancer.report_error(conn, f"{request.method} {request.path}: {text}")
 
 

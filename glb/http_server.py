@@ -22,6 +22,7 @@ import time
 from urllib.parse import unquote
 
 from glb.errors import Status
+from glb.http_pool import send_all
 from glb.http_parse import HeadError, HeadReader, LengthBody, body_for, encode_head, parse_request_head
 
 log = logging.getLogger("glb.http")
@@ -49,6 +50,7 @@ class ClientConnection:
         self.body_timeout = http.read_timeout
         self.max_head_size = http.max_head_size
         self.chunk_size = http.chunk_size
+        self._timeout = None  # the socket's current timeout (set only when it changes)
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -81,7 +83,7 @@ class ClientConnection:
         while self.buffer[:2] == b"\r\n":  # RFC 9112 §2.2: ignore an empty line before a request
             del self.buffer[:2]
         if not self.buffer and not first:
-            sock.settimeout(self.keepalive_timeout)
+            self.timeout(self.keepalive_timeout)
             try:
                 data = sock.recv(self.chunk_size)
             except OSError:  # idle keep-alive connection timed out or was reset
@@ -100,7 +102,7 @@ class ClientConnection:
             left = deadline - time.monotonic()
             if left <= 0:
                 return self.head_timed_out()
-            sock.settimeout(left)
+            self.timeout(left)
             try:
                 data = sock.recv(self.chunk_size)
             except TimeoutError:
@@ -120,9 +122,14 @@ class ClientConnection:
 
     # -- writing -------------------------------------------------------------------------------
 
+    def timeout(self, seconds):
+        if seconds != self._timeout:
+            self.sock.settimeout(seconds)
+            self._timeout = seconds
+
     def send(self, data):
-        self.sock.settimeout(self.body_timeout)
-        self.sock.sendall(data)
+        self.timeout(self.body_timeout)
+        send_all(self.sock, data)
 
     def refuse(self, status, reason, report=True):
         """Answer a request glb will not serve with ``status`` and close (the caller returns)."""
@@ -144,7 +151,7 @@ class ClientConnection:
         return None if decoder is None else ClientBody(self, decoder, head.expect_continue)
 
     def recv_body(self):
-        self.sock.settimeout(self.body_timeout)
+        self.timeout(self.body_timeout)
         try:
             data = self.sock.recv(self.chunk_size)
         except TimeoutError:
