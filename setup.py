@@ -17,6 +17,7 @@ setup(
         "blinker>=1.7",
         "httptools>=0.6",
         "urllib3>=2",
+        "prometheus_client>=0.20",
     ],
     entry_points={"console_scripts": ["glb = glb.__main__:main"]},
     classifiers=[

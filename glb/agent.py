@@ -292,6 +292,7 @@ class Agent:
         self.heartbeat = heartbeat  # seconds between pings to glb; 0 = none
         self.close_wait = 2.0  # seconds stop() gives glb to answer a close
         self.clients = {}  # conn id -> ClientRecord: every client connected right now
+        self.draining = False  # drain() was called: re-announced after every reconnect
         self.group = Group()
         self.stopping = Event()
         self.links = [Link(self, url) for url in lb_urls]
@@ -311,6 +312,8 @@ class Agent:
         texts += [control_records.encode_record(binding) for binding in self.bindings]
         texts += [control_records.encode_record(record) for record in self.clients.values()]
         texts.append(control_records.READY)
+        if self.draining:
+            texts.append(control_records.encode_record(control_records.Drain()))
         return texts
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -353,6 +356,18 @@ class Agent:
         if record is not None:
             self._send_all(control_records.encode_record(
                 ClientRecord(False, conn_id, record.ip, record.channel, record.protocol)))
+
+    def drain(self, spread=None):
+        """Ask every glb for no new clients; with ``spread`` (seconds) glb also closes this
+        backend's sessions with 1012 at random moments within that window, so a deploy can
+        stop this process once they are gone."""
+        self.draining = True
+        self._send_all(control_records.encode_record(control_records.Drain(spread)))
+
+    def undrain(self):
+        """Take new clients again."""
+        self.draining = False
+        self._send_all(control_records.encode_record(control_records.Undrain()))
 
     def _send_all(self, message):
         for link in self.links:

@@ -19,11 +19,23 @@ from urllib.parse import parse_qs
 from glb.errors import GlbError
 
 VNODES_PER_WEIGHT = 160  # hash ring points per unit of weight
+SLOW_START_FLOOR = 0.1  # a backend in slow start begins at this fraction of its weight
 HASH_KEY_KINDS = ("ip", "cookie", "header", "query")
 
 
 class PolicyError(GlbError):
     """An unknown policy name or a bad hash key."""
+
+
+def slow_start_weight(weight, elapsed, window):
+    """The effective weight ``elapsed`` seconds into a slow start of ``window`` seconds.
+
+    Linear from ``SLOW_START_FLOOR * weight`` up to ``weight``; full weight without a window.
+    The hash policy keeps full weights (its ring would reshuffle keys on every step).
+    """
+    if window <= 0 or elapsed >= window:
+        return weight
+    return weight * max(SLOW_START_FLOOR, elapsed / window)
 
 
 @dataclass
@@ -141,7 +153,9 @@ class RandomPolicy(Policy):
 
 
 class LeastConnectionsPolicy(Policy):
-    """Fewest clients; ties broken at random so simultaneous picks spread out."""
+    """Fewest clients per unit of weight (``Backend.load``, as HAProxy's leastconn), so a
+    backend in slow start takes its share gradually; ties broken at random so
+    simultaneous picks spread out."""
 
     name = "least_connections"
 
@@ -151,7 +165,7 @@ class LeastConnectionsPolicy(Policy):
         for backend in candidates:
             if backend.guid in skip:
                 continue
-            count = backend.clients
+            count = backend.load
             if fewest is None or count < fewest:
                 best, fewest = [backend], count
             elif count == fewest:
@@ -208,8 +222,9 @@ class WeightedPolicy(Policy):
         for backend in self._order:
             if backend.guid in skip:
                 continue
-            total += backend.weight
-            value = current.get(backend.guid, 0) + backend.weight
+            weight = backend.effective_weight
+            total += weight
+            value = current.get(backend.guid, 0) + weight
             current[backend.guid] = value
             if best is None or value > current[best.guid]:
                 best = backend
@@ -229,7 +244,7 @@ class PowerOfTwoPolicy(Policy):
             return pool[0] if pool else None
         first, second = self.rng.sample(range(len(pool)), 2)
         a, b = pool[first], pool[second]
-        return b if b.clients < a.clients else a
+        return b if b.load < a.load else a
 
 
 def stable_hash(text):

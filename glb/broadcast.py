@@ -149,7 +149,10 @@ def relay_targets(balancer):
 def fan_out(balancer, envelope):
     """Queue an encoded envelope (str or bytes, sent unchanged) for every ready backend; how many took it."""
     frame = encode_message_frame(envelope)
-    return sum(outbox.put(frame) for outbox in relay_targets(balancer))
+    targets = relay_targets(balancer)
+    taken = sum(outbox.put(frame) for outbox in targets)
+    balancer.stats.broadcast_fanned_out(len(targets) - taken)
+    return taken
 
 
 # -- glb's own API (Balancer.broadcast / write_data / ping delegate here) -------------------------

@@ -43,7 +43,7 @@ def check(settings):
     """Import every handler module and report unknown ``on_*`` names; raise on failure."""
     warnings = []
     for name in settings.handlers.modules:
-        warnings.extend(inspect_module(name)[2])
+        warnings.extend(inspect_module(name, settings)[2])
     return warnings
 
 

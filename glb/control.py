@@ -165,6 +165,7 @@ class ControlSession(OwnSession):
         self.channels = control_channels(balancer)
         self.outbox = None  # glb.broadcast.Outbox while the channel runs: every frame glb sends on it
         self._left = False
+        self._dropping = False  # client records are being dropped (max_clients_reported)
 
     @classmethod
     def prepare(cls, balancer, conn, environ):
@@ -200,6 +201,10 @@ class ControlSession(OwnSession):
             self.outbox.stop()
             bus.fire(bus.server_disconnect, connection=self.conn, backend=self.backend,
                      code=ws.close_code)
+
+    def leave_pool(self):
+        """The backend leaves the pool now (heartbeat eviction); the channel closes after."""
+        self._leave()
 
     def _leave(self):
         """Take the backend out of the pool and the relay map (once; before any slow close)."""
@@ -251,10 +256,23 @@ class ControlSession(OwnSession):
         if outcome == Outcome.REGISTERED:
             self.channels[backend.guid] = self
             log.info("< %s server data: guid %s weight %s", self.conn.id, backend.guid, backend.weight)
+        elif outcome == Outcome.CLIENT_DROPPED:
+            if not self._dropping:  # one error per channel, not one per record
+                self._dropping = True
+                self.balancer.report_error(
+                    self.conn, f"backend {backend.guid} reports more than {self.balancer.registry.max_clients_reported} "
+                    "clients (max_clients_reported); further client records are dropped")
         elif outcome == Outcome.READY:
             log.info("= %s backend %s ready: %s", self.conn.id, backend.guid,
                      ", ".join(b.netloc for b in backend.bindings) or "no bindings")
             self.bus.fire(self.bus.server_ready, connection=self.conn, backend=backend)
+        elif outcome == Outcome.DRAIN:
+            log.info("< %s backend %s drains itself (spread %s)", self.conn.id, backend.guid,
+                     registration.last.spread)
+            self.balancer.pool.drain(backend, registration.last.spread)
+        elif outcome == Outcome.UNDRAIN:
+            log.info("< %s backend %s undrains itself", self.conn.id, backend.guid)
+            self.balancer.pool.undrain(backend)
         return True
 
     def _on_envelope_text(self, text):

@@ -112,6 +112,7 @@ class EventBus:
     def __init__(self):
         for spec in EVENT_TABLE:
             setattr(self, spec.name, EventSignal(spec))
+        self.handler_errors = dict.fromkeys(EVENT_NAMES, 0)  # event -> handler calls that raised
 
     def fire(self, signal, **attrs):
         """Send an event to every receiver; None (and no Event built) if there are none."""
@@ -138,6 +139,7 @@ def _contained(bus, name, func, origin):
             func(event)
         except Exception as exc:  # a handler bug must never reach the session
             log.exception("! handler %s.on_%s raised", origin, name)
+            bus.handler_errors[name] += 1
             if name != "exception":
                 bus.fire(bus.exception, connection=getattr(event, "connection", None),
                          exception=exc, event=event)

@@ -40,6 +40,7 @@ on its own behalf (health checks, tooling).
 import http
 import logging
 import socket
+import time
 
 import gevent
 from urllib3 import HTTPHeaderDict
@@ -256,7 +257,8 @@ class HttpRequest(_HeaderHolder):
         self._body = None if source is not None else b""
         self._prefix = []  # pieces already read (by prime() or a handler), sent first
         self._overflow = False  # a handler's read went past buffer_limit: body reads None
-        self.started = False  # a piece of the streamed body was sent: no replay elsewhere
+        self.started = time.monotonic()  # for the request's duration in metrics and the access log
+        self._streamed = False  # a piece of the streamed body was sent: no replay elsewhere
         self.client_failure = None
 
     @property
@@ -295,11 +297,11 @@ class HttpRequest(_HeaderHolder):
     @property
     def replayable(self):
         """Can this request be sent again (to another backend or on a fresh connection)?"""
-        return self._body is not None or not self.started
+        return self._body is not None or not self._streamed
 
     def pieces(self):
         """The streamed body, piece by piece (prefix first); raises ClientGone / HeadError from the client."""
-        self.started = True
+        self._streamed = True
         prefix, self._prefix = self._prefix, []
         yield from prefix
         read = self._source.read
@@ -357,6 +359,14 @@ class HttpResponse(_HeaderHolder):
     def body(self, value):
         self._body = value.encode("utf-8") if isinstance(value, str) else bytes(value or b"")
         self._prefix = []
+
+    def body_length(self):
+        """Body bytes for the client: the buffered body's, else the backend's Content-Length (0 if unsaid)."""
+        if self._body is not None:
+            return len(self._body)
+        if self._source is not None and self._source.length is not None:
+            return self._source.length
+        return 0
 
     @property
     def status_text(self):
@@ -698,6 +708,8 @@ class HttpProxy:
                 failure = response.stream_failure
                 self.report(ex.request, f"http backend {_name(backend)}: {failure.text}")
                 response = HttpResponse.error(failure.kind)
+        self.balancer.stats.http_request(_name(backend), response.status,
+                                         time.monotonic() - ex.request.started, response.body_length())
         return self.write_response(ex, response, backend)
 
     def write_response(self, ex, response, backend):

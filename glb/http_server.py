@@ -37,8 +37,9 @@ class ClientGone(Exception):
 class ClientConnection:
     """One accepted plain (or TLS) connection, request after request, until either side closes it."""
 
-    def __init__(self, balancer, sock, address, secure=False):
+    def __init__(self, balancer, sock, address, secure=False, server=None):
         self.balancer = balancer
+        self.server = server  # the gevent server that accepted the connection
         self.sock = sock
         self.peer = tuple(address[:2]) if address else ("", 0)
         self.secure = secure
@@ -177,7 +178,7 @@ class ClientConnection:
         source = self.body(head)
         if source is not None:
             if head.framing.length and head.framing.length > OWN_BODY_LIMIT:
-                self.refuse(Status.CONTENT_TOO_LARGE, "request body too large")
+                self.refuse(Status.PAYLOAD_TOO_LARGE, "request body too large")
                 return False
             chunks, total = [], 0
             try:
@@ -185,7 +186,7 @@ class ClientConnection:
                     chunks.append(chunk)
                     total += len(chunk)
                     if total > OWN_BODY_LIMIT:
-                        self.refuse(Status.CONTENT_TOO_LARGE, "request body too large")
+                        self.refuse(Status.PAYLOAD_TOO_LARGE, "request body too large")
                         return False
             except (ClientGone, HeadError) as exc:
                 self.refuse(Status.BAD_REQUEST, str(exc))
@@ -272,6 +273,7 @@ class UpgradeRequest:
 
     def __init__(self, conn, head):
         self.conn = conn
+        self.server = conn.server
         self.socket = conn.sock
         self.client_address = conn.peer
         self.environ = make_environ(head, conn.peer, conn.secure, conn.sock)
@@ -354,7 +356,7 @@ class UpgradeHandler:
         if sock.family != stdlib_socket.AF_UNIX:
             sock.setsockopt(stdlib_socket.IPPROTO_TCP, stdlib_socket.TCP_NODELAY, 1)
         conn = ClientConnection(self.server.balancer, sock, self.client_address,
-                                secure=bool(getattr(self.server, "ssl_enabled", False)))
+                                secure=bool(getattr(self.server, "ssl_enabled", False)), server=self.server)
         try:
             conn.serve()
         except OSError:  # the client went away mid-answer: nothing left to tell it

@@ -49,9 +49,10 @@ from greenlet import getcurrent, greenlet
 from glb.connection import CLIENT
 from glb.errors import CloseCode, ConnectionClosed, HandshakeFailed, MessageTooBig, Status
 from glb.frames import (OP_BINARY, OP_CLOSE, OP_CONTINUATION, OP_PING, OP_PONG, OP_TEXT,
-                        FrameScanner, encode_close_payload, encode_frame)
+                        FrameScanner, encode_close_payload, encode_frame, frame_size)
+from glb.stats import Figures
 from glb.handshake import Rejection, header_tokens
-from glb.websocket import connect, is_tls, wait_readable
+from glb.websocket import TURN_BYTES, connect, is_tls, wait_readable, yield_turn
 
 log = logging.getLogger("glb.relay")
 
@@ -95,7 +96,8 @@ def target_of(environ):
 class Leg:
     """One side of a session: its WebSocket and what the closing handshake has done on it."""
 
-    __slots__ = ("name", "ws", "mask", "close_in", "close_out", "last_activity", "last_pong", "ping_sent")
+    __slots__ = ("name", "ws", "mask", "close_in", "close_out", "last_activity", "last_pong", "ping_sent",
+                 "messages", "bytes")
 
     def __init__(self, name, ws, mask):
         self.name = name  # "client" or "backend"
@@ -106,6 +108,9 @@ class Leg:
         self.last_activity = time.monotonic()  # anything but a pong received from this peer
         self.last_pong = 0.0
         self.ping_sent = None  # when glb's last keep-alive ping went to this peer
+        # Received from this peer where no raw scanner counts them (decoded frames, blind forwarding)
+        self.messages = 0
+        self.bytes = 0
 
     def answered_since(self, moment):
         return self.last_activity >= moment or self.last_pong >= moment
@@ -180,6 +185,9 @@ class ClientSession:
             if backend is None:
                 break
             tried.append(backend)
+            # Counted from the pick, not from the backend's 101: sessions arriving together
+            # (a reconnect wave) see each other and least-loaded placement spreads them.
+            balancer.registry.session_started(backend)
             try:
                 upstream, _, answer = connect(
                     backend.binding_url(target), headers=headers,
@@ -187,14 +195,21 @@ class ClientSession:
                     ssl_context=balancer.backend_ssl_context(),
                     max_message_size=settings.max_message_size)
             except HandshakeFailed as exc:
+                balancer.registry.session_ended(backend)
                 if exc.status is not None and exc.status != 101:
                     log.info("! %s backend %s refused the handshake: %s", conn.id, backend.guid, exc.status)
+                    if exc.status >= 500:  # the backend is failing, not judging this client
+                        balancer.health.connect_failed(backend)
                     return Rejection.from_backend(exc.status, exc.headers, exc.body)
                 balancer.report_error(conn, f"backend {backend.guid} unreachable: {exc.reason}")
+                balancer.health.connect_failed(backend)
+                balancer.stats.connect_failed(backend.name, exc.reason)
                 continue
+            except BaseException:
+                balancer.registry.session_ended(backend)
+                raise
             upstream.auto_pong = False
             upstream.send_timeout = settings.send_timeout
-            balancer.registry.session_started(backend)
             conn.backend = backend
             passed = [(name, value) for name, value in answer if name.lower() in PASSED_101_HEADERS]
             return cls(balancer, conn, backend, upstream, passed)
@@ -236,8 +251,20 @@ class ClientSession:
         self._close_sockets()
         self.balancer.registry.session_ended(self.backend)
         code, reason, closed_by = self.outcome or (CloseCode.ABNORMAL, "session ended", "glb")
+        self.balancer.stats.session_ended(self.backend.name, self.figures(), code, closed_by,
+                                          time.monotonic() - self.conn.started)
         self.bus.fire(self.bus.client_disconnect, connection=self.conn, session=self, backend=self.backend,
                       code=code, reason=reason, closed_by=closed_by)
+
+    def figures(self):
+        """Messages and bytes relayed each way so far, frame headers included (read, never stored)."""
+        client, server = self.client, self.server
+        up, down = self.scanners.get("backend"), self.scanners.get("client")
+        return Figures(
+            client.messages + (up.messages if up else 0) if client else 0,
+            client.bytes + (up.bytes_seen if up else 0) if client else 0,
+            server.messages + (down.messages if down else 0),
+            server.bytes + (down.bytes_seen if down else 0))
 
     @property
     def close_status(self):
@@ -438,12 +465,18 @@ class ClientSession:
         sock = src.sock
         recv = sock.recv
         plain = not is_tls(sock)  # TLS may hold decrypted bytes already
+        turn = TURN_BYTES
         try:
             while True:
                 if not self._raw_step(src, dst, data):
                     return
+                turn -= len(data)
                 if plain and len(data) < RECV_SIZE:  # the kernel had no more: wait, then read
                     wait_readable(sock)
+                    turn = TURN_BYTES
+                elif turn <= 0:  # a fast peer never makes this pump wait: let the others run
+                    yield_turn()
+                    turn = TURN_BYTES
                 data = recv(RECV_SIZE)
                 if not data:
                     break
@@ -455,6 +488,7 @@ class ClientSession:
         """Forward one received chunk as it is, following its frames; False ends the direction."""
         if scanner.error is not None:  # the far peer judges what glb could not follow
             if data:
+                src.bytes += len(data)
                 src.last_activity = time.monotonic()
                 dst.ws.send_raw(data)
         elif data and src.close_in is None:  # after its close frame, a peer's bytes are ignored
@@ -516,6 +550,9 @@ class ClientSession:
                 if frame is None:
                     break
                 op = frame.opcode
+                src.bytes += frame_size(len(frame.payload), from_client)
+                if frame.fin and op < OP_CLOSE:
+                    src.messages += 1
                 if op != OP_PONG:
                     src.last_activity = time.monotonic()
                 if op == OP_CLOSE:
@@ -641,9 +678,13 @@ class ClientSession:
         if self.outcome is None:
             self.outcome = (code, reason, closed_by)
 
-    def close(self, code=CloseCode.GOING_AWAY, reason="going away"):
-        """glb ends the session (shutdown, idle or ping timeout, a handler): both legs get the close."""
-        self._end(code, reason, "glb")
+    def close(self, code=CloseCode.GOING_AWAY, reason="going away", cause=None):
+        """glb ends the session (shutdown, idle or ping timeout, a handler): both legs get the close.
+
+        ``cause``, when given, is the reason ``client_disconnect`` reports instead of ``reason``
+        (rebalancing sends "service restart" on the wire and reports "rebalance").
+        """
+        self._end(code, cause or reason, "glb")
         if self.client is None:
             return
         self.client.send_close(code, reason, self._at_boundary("client"))
@@ -709,7 +750,9 @@ class ClientSession:
         if self.client is None or self.outcome is not None:
             return
         legs = (self.client, self.server)
-        if idle_timeout and now - max(leg.last_activity for leg in legs) > idle_timeout:
+        # A leg blocked in a send is streaming, not idle: send_timeout judges it (1008, slow reader).
+        if idle_timeout and now - max(leg.last_activity for leg in legs) > idle_timeout \
+                and not any(leg.ws.sending for leg in legs):
             self.close(CloseCode.GOING_AWAY, "idle timeout")
             return
         if not ping_interval:

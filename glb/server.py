@@ -19,16 +19,24 @@ from gevent.pywsgi import WSGIServer
 
 from glb import broadcast  # Balancer.broadcast / write_data / ping delegate to it
 from glb import handshake, tls
+from glb.admin import AdminApi
+from glb.admission import Admission
 from glb.balancing import PickRequest, make_policy
 from glb.control import SGC_BINDING_PATH, SGC_CONTROL_PATH, BindingEndpoint, ControlSession
 from glb.connection import CLIENT, Connection, headers_from_environ
 from glb.errors import CloseCode, Status
 from glb.events import EventBus
 from glb.handlers import load_handlers
+from glb.health import HealthMonitor
 from glb.http_proxy import HttpProxy
 from glb.http_server import UpgradeHandler
 from glb.own_sessions import EchoSession
+from glb.pool import PoolControl
+from glb.rebalance import Rebalancer
 from glb.relay import DETACHED, ClientSession
+from glb.live import LiveFeed, LiveSession, StatusPage
+from glb.metrics import MetricsEndpoint
+from glb.stats import Stats
 from glb.status import StatusEndpoint
 from glb.registry import Registry
 from glb.websocket import WebSocket
@@ -41,14 +49,20 @@ class Balancer:
 
     def __init__(self, settings, handler_modules=None):
         self.settings = settings
+        self.stats = Stats()  # plain counters; glb.metrics and the status page read them
         self.bus = EventBus()
         modules = settings.handlers.modules if handler_modules is None else handler_modules
-        for warning in load_handlers(modules, self.bus):
+        for warning in load_handlers(modules, self.bus, settings):
             log.warning("%s", warning)
-        self.registry = Registry()
+        backends = settings.backends
+        self.registry = Registry(backends.max_clients_reported, backends.max_bindings,
+                                 max_fails=backends.max_fails, fail_timeout=backends.fail_timeout,
+                                 slow_start=backends.slow_start)
         for static in settings.backends_static:
             self.registry.add_static(static.name, static.url, http=static.http,
-                                     weight=static.weight, max_clients=static.max_clients)
+                                     weight=static.weight, max_clients=static.max_clients,
+                                     max_fails=static.max_fails, fail_timeout=static.fail_timeout,
+                                     slow_start=static.slow_start)
         self.policy = make_policy(settings.glb.balancing, hash_key=settings.glb.hash_key)
         self.prefix = settings.glb.prefix
         self.connections = {}  # id -> Connection, every open WebSocket
@@ -61,14 +75,24 @@ class Balancer:
             self.prefix + "echo": EchoSession,
             self.prefix + "control": ControlSession,
             SGC_CONTROL_PATH: ControlSession,
+            self.prefix + "status/live": LiveSession,
         }
+        self.live_feed = LiveFeed(self)  # samples only while a status page is open
         binding_endpoint = BindingEndpoint(self)
         self.http_routes = {
             SGC_BINDING_PATH: binding_endpoint,
             self.prefix + "binding": binding_endpoint,
             self.prefix + "status": StatusEndpoint(self),
+            self.prefix + "metrics": MetricsEndpoint(self),
+            self.prefix: StatusPage(self),
         }
+        self.http_prefix_routes = {self.prefix + "admin/": AdminApi(self)}  # path prefix -> WSGI app
         self.http_proxy = HttpProxy(self)  # everything else over plain HTTP
+        self.admission = Admission(self)  # connection limits, origins, handshake rate
+        self.health = HealthMonitor(self)  # heartbeats, active and passive checks
+        self.pool = PoolControl(self)  # drain, undrain, weights, closing a backend's sessions
+        self.rebalancer = Rebalancer(self)
+        self.rebalance_closes = 0  # sessions closed by rebalancing
 
     # -- listeners ---------------------------------------------------------
 
@@ -86,10 +110,12 @@ class Balancer:
             self.backend_ssl_context()  # its files are checked now, not at the first wss:// backend
         if not settings.backends.verify:
             log.warning("= [backends] verify = false: certificates of wss:// and https:// backends are not checked")
+        self.admission.start()
         for host, port in settings.glb.listen:
             server = WSGIServer((host, port), _no_application, handler_class=UpgradeHandler,
                                 log=None, error_log=_PywsgiErrorLog())
             server.balancer = self
+            self.admission.guard(server)
             server.start()
             self.servers.append(server)
             log.info("= listening on http://%s", _format_address(server.address))
@@ -98,11 +124,14 @@ class Balancer:
                                    handshake_timeout=settings.glb.handshake_timeout,
                                    handler_class=UpgradeHandler, log=None, error_log=_PywsgiErrorLog())
             server.balancer = self
+            self.admission.guard(server)
             server.start()
             self.servers.append(server)
             log.info("= listening on https://%s", _format_address(server.address))
         self._sweeper = gevent.spawn(self._sweep_forever)
         self.http_proxy.start()
+        self.health.start()
+        self.rebalancer.start()
         return self.addresses
 
     def _sweep_forever(self):
@@ -132,6 +161,9 @@ class Balancer:
         self.stopping = True
         if getattr(self, "_sweeper", None) is not None:
             self._sweeper.kill(block=False)
+        for part in (self.health, self.rebalancer, self.pool):
+            part.stop()
+        self.live_feed.stop()
         for server in self.servers:
             server.close()
         for conn in list(self.connections.values()):
@@ -152,24 +184,24 @@ class Balancer:
         for server in self.servers:
             server.stop(timeout=0)
         self.http_proxy.close()  # its pooled backend connections
+        self.admission.stop()
 
     # -- plain HTTP --------------------------------------------------------
 
     def http_route(self, path):
         """glb's own WSGI endpoint for ``path``, or None (the request is forwarded).
 
-        An exact entry of ``http_routes`` first; else the longest entry ending in
-        ``/`` that ``path`` starts with (``/glb/admin/`` serves everything under it).
-        The prefix itself (``/glb/``) only ever matches exactly.
+        An exact entry of ``http_routes`` first; else the longest entry of
+        ``http_prefix_routes`` that ``path`` starts with (``/glb/admin/...``).
         """
         route = self.http_routes.get(path)
         if route is not None or not path.startswith(self.prefix):
             return route
         best = ""
-        for key in self.http_routes:
-            if key[-1:] == "/" and key != self.prefix and path.startswith(key) and len(key) > len(best):
-                best = key
-        return self.http_routes[best] if best else None
+        for prefix in self.http_prefix_routes:
+            if len(prefix) > len(best) and path.startswith(prefix):
+                best = prefix
+        return self.http_prefix_routes[best] if best else None
 
     # -- upgrades ----------------------------------------------------------
 
@@ -187,6 +219,9 @@ class Balancer:
         conn = Connection(handler.client_address, path, environ.get("QUERY_STRING", ""),
                           headers_from_environ(environ), kind,
                           secure=environ.get("wsgi.url_scheme") == "https")
+        refusal = self.admission.refuse_upgrade(conn)  # origin, handshake rate
+        if isinstance(refusal, handshake.Rejection):
+            return _respond(handler, refusal)
         response_headers = {}
         event = self.bus.fire(self.bus.handshake, connection=conn, request_headers=conn.headers,
                               response_headers=response_headers)
@@ -195,17 +230,27 @@ class Balancer:
             log.info("! %s handshake rejected by handler: %s %s", conn.id, code, reason)
             status = handshake.status_line(code)
             return _respond(handler, handshake.Rejection(status, reason or status))
-        session = session_class.prepare(self, conn, environ)
+        session = (refusal or session_class).prepare(self, conn, environ)
         if isinstance(session, handshake.Rejection):
             return _respond(handler, session)
         extra = list(session.response_headers) + list(response_headers.items())
+        sock = handler.socket
+        problem = handshake.header_problem(extra)
+        if problem is not None:  # a handshake handler's mistake: no 101, and nothing held
+            session.abandon(problem)
+            self.report_error(conn, f"handshake refused: {problem}")
+            return _respond(handler, handshake.Rejection(Status.INTERNAL_ERROR, "bad response header"))
         try:
             conn.websocket, detached = accept_websocket(
                 handler, extra, max_message_size=self.settings.glb.max_message_size, connection=conn)
         except OSError as exc:
             session.abandon(f"101 could not be written: {exc}")
             return
+        except BaseException as exc:  # whatever failed, the session's backend slot is given back
+            session.abandon(f"101 could not be written: {exc!r}")
+            raise
         if detached:
+            self.admission.hold(sock, conn.id)  # the session keeps the connection's count
             self.sessions.spawn(self.run_session, conn, session)
         else:
             self.sessions.add(gevent.getcurrent())
@@ -227,6 +272,7 @@ class Balancer:
         ws = conn.websocket
         conn.session = session
         self.connections[conn.id] = conn
+        self.stats.connection_opened(conn.kind)
         detached = False
         try:
             self.bus.fire(self.bus.connect, connection=conn)
@@ -247,6 +293,7 @@ class Balancer:
         if not conn.websocket.closed:
             _close_quietly(conn, CloseCode.INTERNAL_ERROR, "session ended")
         self.connections.pop(conn.id, None)
+        self.admission.release_held(conn.id)
         code, reason = session.close_status
         self.bus.fire(self.bus.disconnect, connection=conn, code=code, reason=reason)
 
@@ -293,6 +340,7 @@ def _close_quietly(conn, code, reason):
 
 def _respond(handler, rejection):
     """Answer an upgrade with an HTTP error and close the connection."""
+    handler.server.balancer.stats.handshake_rejected(rejection.status)
     handler.close_connection = True
     handler.start_response(rejection.status, rejection.headers + [("Connection", "close")])
     handler.write(rejection.body)

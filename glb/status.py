@@ -17,8 +17,7 @@ class StatusEndpoint:
 
     def __call__(self, environ, start_response):
         balancer = self.balancer
-        refusal = authorize(balancer.settings.backends, environ.get("REMOTE_ADDR", ""),
-                            environ.get("HTTP_AUTHORIZATION"))
+        refusal = operator_refusal(balancer, environ)
         if refusal is not None:
             start_response(refusal.status, refusal.headers)
             return [refusal.body]
@@ -26,6 +25,14 @@ class StatusEndpoint:
             return json_response(start_response, Status.METHOD_NOT_ALLOWED, {"error": "use GET"},
                                  [("Allow", "GET")])
         return json_response(start_response, Status.OK, snapshot(balancer))
+
+
+def operator_refusal(balancer, environ):
+    """None when the peer may read glb's operator views (status, metrics, the status page), else a Rejection.
+
+    The rule is the control channel's: a peer inside ``[backends] allow``, or the bearer token.
+    """
+    return authorize(balancer.settings.backends, environ.get("REMOTE_ADDR", ""), environ.get("HTTP_AUTHORIZATION"))
 
 
 def snapshot(balancer):
@@ -41,6 +48,7 @@ def snapshot(balancer):
         "listeners": [f"http://{host}:{port}" for host, port in balancer.addresses]
         + [f"https://{host}:{port}" for host, port in getattr(balancer, "tls_addresses", [])],
         "connections": connections,
+        "rebalance_closes": balancer.rebalance_closes,
         "backends": [{
             "guid": backend.guid,
             "name": backend.name,
@@ -48,6 +56,7 @@ def snapshot(balancer):
             "static": backend.static,
             "accepts_clients": id(backend) in candidates,
             "bindings": [{"host": b.host, "port": b.port, "ssl": b.ssl} for b in backend.bindings],
+            "health": backend.health,
             "weight": backend.weight,
             "max_clients": backend.max_clients,
             "relayed": backend.relayed,
