@@ -141,8 +141,8 @@ def main(argv=None):
                                env=dict(os.environ, PYTHONPATH=os.path.abspath(args.glb_src)))
         wait_for_port(port, deadline, glb)
         with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-            sock.sendall(b"GET /download?size=1 HTTP/1.1\r\nHost: bench\r\n\r\n")  # warm-up
-            sock.recv(PIECE)
+            watch = RssWatch(glb.pid)
+            download(sock, 1, watch)  # warm-up: imports, the pooled connection
             watch = RssWatch(glb.pid)
             print(f"glb from {os.path.abspath(args.glb_src)}; {args.size / (1 << 20):.0f} MiB each way; "
                   f"glb RSS at start {watch.start / 1024:.1f} MiB")

@@ -37,6 +37,7 @@ times over (its cost was most of a request's). It stays for clients glb makes
 on its own behalf (health checks, tooling).
 """
 
+import errno
 import http
 import logging
 import socket
@@ -49,10 +50,10 @@ from glb.balancing import HashPolicy, PickRequest, make_policy
 from glb.connection import CLIENT, Connection, Headers
 from glb.errors import Status
 from glb.http_parse import (  # noqa: F401 (HOP_BY_HOP: part of this module's interface)
-    HOP_BY_HOP, NO_BODY_STATUSES, HeadError, UntilCloseBody, body_for, decode_pairs, encode_chunk,
+    HOP_BY_HOP, NO_BODY_STATUSES, HeadError, LengthBody, UntilCloseBody, body_for, decode_pairs, encode_chunk,
     encode_head, encode_last_chunk, encode_pairs, encode_raw_head,
 )
-from glb.http_pool import BackendClosed, Pools, backend_ssl_context_factory, send_all
+from glb.http_pool import RECV_SIZE, BackendClosed, Pools, backend_ssl_context_factory, send_all
 from glb.http_server import ClientGone
 
 log = logging.getLogger("glb.http")
@@ -383,6 +384,7 @@ class BackendBody:
                                                   and not head.framing.chunked else None)
         self.trailers = None
         self.uploading = uploading  # a function: is the request still being sent?
+        self.direct = isinstance(self.decoder, LengthBody)
 
     @property
     def length(self):
@@ -409,6 +411,12 @@ class BackendBody:
                 continue
             if not wait:
                 return b""
+            if self.direct:  # a Content-Length body: straight from the socket, no copy
+                data = conn.sock.recv(min(RECV_SIZE, decoder.remaining))
+                if not data:
+                    raise BackendClosed(errno.ECONNRESET, "the backend closed the connection mid-body")
+                decoder.remaining -= len(data)
+                return data
             try:
                 conn.fill()
             except BackendClosed:

@@ -151,16 +151,19 @@ class ClientConnection:
         decoder = body_for(head.framing)
         return None if decoder is None else ClientBody(self, decoder, head.expect_continue)
 
-    def recv_body(self):
+    def recv_body(self, limit=None):
+        """The next bytes of a request body, at most ``limit`` (into ``buffer`` when None)."""
         self.timeout(self.body_timeout)
         try:
-            data = self.sock.recv(self.chunk_size)
+            data = self.sock.recv(self.chunk_size if limit is None else min(limit, self.chunk_size))
         except TimeoutError:
             raise ClientGone(f"request body: nothing for {self.body_timeout:g} s") from None
         except OSError as exc:
             raise ClientGone(f"request body: {exc}") from None
         if not data:
             raise ClientGone("request body: the client closed before its end")
+        if limit is not None:
+            return data
         self.buffer += data
 
     # -- WebSocket upgrades --------------------------------------------------------------------
@@ -232,6 +235,7 @@ class ClientBody:
         self.expect_continue = expect_continue
         self.trailers = None
         self.started = False
+        self.direct = isinstance(decoder, LengthBody)
 
     @property
     def done(self):
@@ -252,7 +256,12 @@ class ClientBody:
                     return data
                 if decoder.done:
                     break
-            conn.recv_body()
+            elif self.direct:  # a Content-Length body: straight from the socket, no copy
+                data = conn.recv_body(decoder.remaining)
+                decoder.remaining -= len(data)
+                return data
+            else:
+                conn.recv_body()
         return b""
 
     def available(self):
