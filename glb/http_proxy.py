@@ -497,6 +497,7 @@ class HttpProxy:
         self.pools = Pools(conf.connect_timeout, conf.read_timeout, conf.pool_maxsize, conf.pool_connections,
                            conf.pool_idle_timeout, backend_ssl_context_factory(balancer))
         self._sweeper = None
+        self.clients = set()  # every open ClientConnection (glb.http_server), so close() ends idle ones
 
     def start(self):
         """Start the greenlet that closes idle pooled connections and those of departed backends."""
@@ -510,9 +511,12 @@ class HttpProxy:
             self.pools.sweep()
 
     def close(self):
+        """Stop the sweeper, end idle keep-alive client connections, close pooled backend connections."""
         if self._sweeper is not None:
             self._sweeper.kill(block=False)
             self._sweeper = None
+        for client in list(self.clients):
+            client.close_if_idle()
         self.pools.close()
 
     # -- one request ---------------------------------------------------------------------------
@@ -729,7 +733,7 @@ class HttpProxy:
         no_body = head.method == "HEAD" or response.status in NO_BODY_STATUSES or response.status < 200
         touched = response.touched  # else: the backend's pairs, hop-by-hop already gone
         pairs = encode_pairs(strip_hop_by_hop(response.header_pairs())) if touched else list(response._raw)
-        keep = head.keep_alive and request.client_failure is None
+        keep = head.keep_alive and request.client_failure is None and not self.balancer.stopping
         chunked = False
         payload = b""
         extra = []

@@ -45,6 +45,7 @@ class ClientConnection:
         self.secure = secure
         self.buffer = bytearray()
         self.taken = False  # the socket went to a WebSocket session
+        self.idle = False  # waiting for the next request of a keep-alive connection
         glb, http = balancer.settings.glb, balancer.settings.http
         self.head_timeout = glb.handshake_timeout
         self.keepalive_timeout = http.keepalive_timeout
@@ -56,6 +57,15 @@ class ClientConnection:
     # -- the loop ------------------------------------------------------------------------------
 
     def serve(self):
+        """Requests until either side closes; the HttpProxy knows every open one (see close_idle)."""
+        clients = self.balancer.http_proxy.clients
+        clients.add(self)
+        try:
+            self._serve()
+        finally:
+            clients.discard(self)
+
+    def _serve(self):
         first = True
         while True:
             try:
@@ -74,7 +84,7 @@ class ClientConnection:
                 keep = self.call_own(route, head)
             else:
                 keep = self.balancer.http_proxy.exchange(self, head)
-            if not keep:
+            if not keep or self.balancer.stopping:
                 return
 
     def read_head(self, first):
@@ -85,10 +95,13 @@ class ClientConnection:
             del self.buffer[:2]
         if not self.buffer and not first:
             self.timeout(self.keepalive_timeout)
+            self.idle = True
             try:
                 data = sock.recv(self.chunk_size)
             except OSError:  # idle keep-alive connection timed out or was reset
                 return None
+            finally:
+                self.idle = False
             if not data:
                 return None
             self.buffer += data
@@ -113,6 +126,14 @@ class ClientConnection:
             if not data:
                 return None
             self.buffer += data
+
+    def close_if_idle(self):
+        """End a keep-alive connection that waits for its next request (glb is stopping)."""
+        if self.idle:
+            try:
+                self.sock.shutdown(stdlib_socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def head_timed_out(self):
         if self.buffer:
@@ -203,16 +224,23 @@ class ClientConnection:
             return out.append
 
         out = []
-        result = app(environ, start_response)
         try:
-            out.extend(result)
-        finally:
-            close = getattr(result, "close", None)
-            if close is not None:
-                close()
-        status, headers = started
+            result = app(environ, start_response)
+            try:
+                out.extend(result)
+            finally:
+                close = getattr(result, "close", None)
+                if close is not None:
+                    close()
+            status, headers = started
+        except Exception as exc:  # a bug in one of glb's endpoints: 500, logged, never a dead connection
+            log.exception("! %s %s failed", head.method, head.path)
+            bus = self.balancer.bus
+            bus.fire(bus.exception, connection=None, exception=exc)
+            self.refuse(Status.INTERNAL_ERROR, "internal error", report=False)
+            return False
         payload = b"".join(out)
-        keep = head.keep_alive
+        keep = head.keep_alive and not self.balancer.stopping
         headers = [(n, v) for n, v in headers if n.lower() not in ("content-length", "connection")]
         headers.append(("Content-Length", str(len(payload))))
         if not keep:
@@ -370,6 +398,10 @@ class UpgradeHandler:
             conn.serve()
         except OSError:  # the client went away mid-answer: nothing left to tell it
             pass
+        except Exception as exc:  # a glb bug: logged and reported, the connection closed
+            log.exception("! %s connection failed", self.client_address[0] if self.client_address else "-")
+            bus = self.server.balancer.bus
+            bus.fire(bus.exception, connection=None, exception=exc)
         if conn.taken:
             self.socket = None
 

@@ -426,3 +426,35 @@ def test_pooled_connections_of_a_backend_that_left_are_closed():
         with deadline:
             while glb.http_proxy.pools.idle_count():
                 gevent.sleep(0.05)
+
+
+def test_an_idle_keep_alive_connection_is_closed_when_glb_stops():
+    from glb.server import Balancer
+    from tests.support import make_settings
+
+    with RawBackend() as backend:
+        glb = Balancer(make_settings(**{"backend:one": backend_section(backend.port)}), handler_modules=[])
+        glb.start()
+        try:
+            sock = socket.create_connection(glb.addresses[0], timeout=5)
+            sock.sendall(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
+            head, body, _ = read_response(sock)
+            assert head.startswith(b"HTTP/1.1 200") and b"Connection: close" not in head
+        finally:
+            glb.stop(timeout=1)
+        with sock:
+            assert sock.recv(65536) == b""  # [http] keepalive_timeout is 60 s: the stop closed it
+
+
+def test_a_failing_own_endpoint_answers_500_and_fires_exception():
+    def broken(environ, start_response):
+        raise RuntimeError("endpoint bug")
+
+    with running_glb() as glb:
+        glb.http_routes["/glb/broken"] = broken
+        exceptions = []
+        glb.bus.add_handler("exception", exceptions.append)
+        reply = exchange(glb.addresses[0], b"GET /glb/broken HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert reply.startswith(b"HTTP/1.1 500") and len(exceptions) == 1
+        ok = exchange(glb.addresses[0], b"GET /glb/status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert ok.split(b" ", 2)[1] in (b"200", b"403")  # glb's other endpoints still answer
