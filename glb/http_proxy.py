@@ -555,7 +555,7 @@ class HttpProxy:
             ex.stop_upload()
 
     def handle(self, ex):
-        balancer, bus, request = self.balancer, self.balancer.bus, ex.request
+        bus, request = self.balancer.bus, ex.request
         pick = self.pick_request(request)
         backend = self.pick(pick)
         if bus.http_request.receivers:
