@@ -458,3 +458,40 @@ def test_a_failing_own_endpoint_answers_500_and_fires_exception():
         assert reply.startswith(b"HTTP/1.1 500") and len(exceptions) == 1
         ok = exchange(glb.addresses[0], b"GET /glb/status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         assert ok.split(b" ", 2)[1] in (b"200", b"403")  # glb's other endpoints still answer
+
+
+def test_interim_1xx_answers_reach_an_http_1_1_client_before_the_final_one():
+    answer = (b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n"
+              b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    with RawBackend(answer) as backend, running_glb(**{"backend:one": backend_section(backend.port)}) as glb:
+        with socket.create_connection(glb.addresses[0], timeout=5) as sock:
+            sock.sendall(b"GET /hints HTTP/1.1\r\nHost: x\r\n\r\n")
+            interim, _, rest = read_response(sock)
+            final, body, _ = read_response(sock, rest)
+        assert interim.startswith(b"HTTP/1.1 103") and b"Link: </style.css>" in interim
+        assert final.startswith(b"HTTP/1.1 200") and body == b"ok"
+
+
+def test_a_pooled_connection_the_backend_closed_is_not_reused():
+    """The backend closes each connection right after its answer (without saying so): no request fails."""
+    def handle(sock, address):
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return
+            data += chunk
+        sock.sendall(OK)
+
+    server = StreamServer(("127.0.0.1", 0), handle)
+    server.start()
+    try:
+        with running_glb(**{"backend:one": backend_section(server.server_port)}) as glb:
+            with socket.create_connection(glb.addresses[0], timeout=5) as sock:
+                rest = b""
+                for i in range(5):
+                    sock.sendall(b"GET /%d HTTP/1.1\r\nHost: x\r\n\r\n" % i)
+                    head, body, rest = read_response(sock, rest)
+                    assert head.startswith(b"HTTP/1.1 200") and body == b"ok", i
+    finally:
+        server.stop(timeout=0)
