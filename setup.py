@@ -19,7 +19,7 @@ setup(
         "urllib3>=2",
         "prometheus_client>=0.20",
     ],
-    entry_points={"console_scripts": ["glb = glb.__main__:main"]},
+    entry_points={"console_scripts": ["glb = glb.__main__:main", "glb-ctl = glb.ctl:main"]},
     classifiers=[
         "Programming Language :: Python :: 3.11",
         "Framework :: Gevent",

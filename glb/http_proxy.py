@@ -602,6 +602,8 @@ class HttpProxy:
                     failure = Failure(Failure.CLIENT, request.client_failure)
                 failure.text = f"http backend {_name(backend)}: {failure.text}"
                 self.report(request, failure.text)
+                if failure.kind in (Failure.CONNECT, Failure.CONNECT_TIMEOUT) and hasattr(backend, "health"):
+                    self.balancer.health.connect_failed(backend)  # passive check (max_fails)
                 tried.append(backend)
                 if (failure.retryable and request.method in IDEMPOTENT and request.replayable
                         and len(tried) <= self.retries):

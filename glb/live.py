@@ -24,9 +24,9 @@ import gevent
 from gevent.pool import Group
 
 from glb import __version__
-from glb.errors import CloseCode, ConnectionClosed, Status
+from glb.errors import ConnectionClosed, Status
 from glb.own_sessions import OwnSession
-from glb.registry import READY
+from glb.registry import READY, UP
 from glb.stats import backend_figures
 from glb.status import operator_refusal
 
@@ -130,12 +130,14 @@ class LiveFeed:
             totals = stats.backends.get(name)
             rows[name] = {
                 "state": backend.state if backend else "gone",
+                "health": backend.health if backend else None,
                 "weight": backend.weight if backend else None,
                 "sessions": backend.relayed if backend else 0,
                 "reported_clients": len(backend.reported_clients) if backend else 0,
                 "rates": rates,
                 "figures": current.as_dict() if current else None,
-                "last_error": totals.last_error if totals else "",
+                "last_error": (backend and backend.health != UP and f"down: {backend.down_reason}")
+                or (totals.last_error if totals else ""),
             }
         by_kind = {"client": 0, "control": 0, "own": 0}
         for conn in list(balancer.connections.values()):
@@ -143,7 +145,7 @@ class LiveFeed:
         self.totals = {
             "uptime": round(time.time() - stats.started), "connections": by_kind,
             "connections_total": sum(stats.connections_total.values()),
-            "backends_ready": sum(1 for b in registered.values() if b.state == READY),
+            "backends_ready": sum(1 for b in registered.values() if b.state == READY and b.health == UP),
             "messages_per_second": round(rate_sum, 1),
             "closes": sum(stats.closes.values()),
             "handshake_rejections": sum(stats.handshake_rejections.values()),
@@ -199,6 +201,3 @@ class LiveSession(OwnSession):
 
     def send(self, message):
         return False  # glb's own messages (write_data) do not go to status pages
-
-    def close(self, code=CloseCode.GOING_AWAY, reason="going away"):
-        self.conn.websocket.close(code, reason)

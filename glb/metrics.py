@@ -20,7 +20,7 @@ from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily, Hist
 
 from glb import __version__
 from glb.errors import Status
-from glb.registry import CONNECTING, DRAINING, GONE, READY
+from glb.registry import CONNECTING, DRAINING, GONE, READY, UP
 from glb.stats import DIRECTIONS, backend_figures
 from glb.status import operator_refusal
 
@@ -41,13 +41,21 @@ METRICS = (
     Metric("glb_connections", "gauge", ("kind",),
            "Open WebSockets accepted by glb: client sessions, control channels, own sessions."),
     Metric("glb_connections_total", "counter", ("kind",), "WebSockets accepted by glb since it started."),
-    Metric("glb_backend_up", "gauge", ("backend",), "1 when the backend is ready for new sessions, else 0."),
+    Metric("glb_connections_refused_total", "counter", ("limit",),
+           "TCP connections refused at accept (503 or closed), by the limit reached: max_connections, "
+           "max_connections_per_ip, out_of_descriptors."),
+    Metric("glb_backend_up", "gauge", ("backend",),
+           "1 when the backend takes new sessions (ready and passing its health checks), else 0."),
+    Metric("glb_backend_healthy", "gauge", ("backend",),
+           "1 while the backend passes its health checks (or has none), 0 while it is down."),
     Metric("glb_backend_state", "gauge", ("backend", "state"),
            "1 for the backend's current state (connecting, ready, draining, gone), 0 for the others."),
     Metric("glb_backend_sessions", "gauge", ("backend",), "Sessions glb relays to the backend now."),
     Metric("glb_backend_reported_clients", "gauge", ("backend",),
            "Clients the backend reports as connected to it directly."),
     Metric("glb_backend_weight", "gauge", ("backend",), "The backend's weight for weighted balancing."),
+    Metric("glb_backend_effective_weight", "gauge", ("backend",),
+           "The weight balancing uses now: below glb_backend_weight while slow start ramps it up."),
     Metric("glb_backend_sessions_total", "counter", ("backend",), "Sessions relayed to the backend that ended."),
     Metric("glb_backend_connect_failures_total", "counter", ("backend",),
            "Times a new session could not reach the backend (refused, timed out, bad handshake)."),
@@ -68,6 +76,10 @@ METRICS = (
     Metric("glb_broadcast_envelopes_total", "counter", (), "Broadcast envelopes fanned out to the backends."),
     Metric("glb_broadcast_dropped_total", "counter", (),
            "Copies of broadcast envelopes dropped because a backend's control channel queue was full."),
+    Metric("glb_rebalance_closes_total", "counter", (),
+           "Client sessions closed (1012) by rebalancing so their clients reconnect to emptier backends."),
+    Metric("glb_heartbeat_evictions_total", "counter", (),
+           "Registered backends taken out because their control channel missed a heartbeat."),
     Metric("glb_event_handler_errors_total", "counter", ("event",), "Handler calls that raised, by event."),
 )
 
@@ -108,14 +120,18 @@ class BalancerCollector:
         for kind in KINDS:
             f["glb_connections"].add_metric([kind], open_by_kind[kind])
             f["glb_connections_total"].add_metric([kind], stats.connections_total.get(kind, 0))
+        for limit, count in sorted(stats.connections_refused.items()):
+            f["glb_connections_refused_total"].add_metric([limit], count)
         for backend in balancer.registry.all():
             name = backend.name
-            f["glb_backend_up"].add_metric([name], 1 if backend.state == READY else 0)
+            f["glb_backend_up"].add_metric([name], 1 if backend.state == READY and backend.health == UP else 0)
+            f["glb_backend_healthy"].add_metric([name], 1 if backend.health == UP else 0)
             for state in STATES:
                 f["glb_backend_state"].add_metric([name, state], 1 if backend.state == state else 0)
             f["glb_backend_sessions"].add_metric([name], backend.relayed)
             f["glb_backend_reported_clients"].add_metric([name], len(backend.reported_clients))
             f["glb_backend_weight"].add_metric([name], backend.weight)
+            f["glb_backend_effective_weight"].add_metric([name], backend.effective_weight)
         for name, figures in sorted(backend_figures(balancer).items()):
             totals = stats.backends.get(name)
             f["glb_backend_sessions_total"].add_metric([name], totals.sessions if totals else 0)
@@ -136,6 +152,8 @@ class BalancerCollector:
             f[metric].add_metric([], histogram.cumulative(), histogram.sum)
         f["glb_broadcast_envelopes_total"].add_metric([], stats.broadcast_envelopes)
         f["glb_broadcast_dropped_total"].add_metric([], stats.broadcast_dropped)
+        f["glb_rebalance_closes_total"].add_metric([], balancer.rebalance_closes)
+        f["glb_heartbeat_evictions_total"].add_metric([], balancer.health.evictions)
         for event, count in sorted(balancer.bus.handler_errors.items()):
             if count:
                 f["glb_event_handler_errors_total"].add_metric([event], count)
