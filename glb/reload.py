@@ -262,7 +262,9 @@ def _replace_http_proxy(balancer):
     """A new HTTP proxy from the new settings; the old one's pooled connections are closed
     (requests in flight finish on the connections they hold)."""
     old = balancer.http_proxy
-    balancer.http_proxy = type(old)(balancer)
+    balancer.http_proxy = new = type(old)(balancer)
+    new.clients = old.clients  # the open client connections, now served by the new one
+    new.start()
     old.close()
 
 
