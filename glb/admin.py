@@ -9,13 +9,17 @@
     POST admin/backends/NAME/weight             {"weight": 1..100}
     POST admin/backends/NAME/close              {"code": 1012, "reason": "...", "spread": seconds}
     POST admin/rebalance                        a rebalancing pass now (whatever [glb] rebalance says)
+    POST admin/reload                           read the config file again and apply it (as SIGHUP);
+                                                409 with the one-line reason when it is refused
     GET  admin/sessions?backend=NAME&offset=0&limit=100
     POST admin/sessions/ID/close                {"code": 1012, "reason": "..."}
 
 NAME is a registered backend's guid or a static backend's section name. A call
 is allowed from an address in ``[admin] allow`` or with ``[admin] token`` as a
 bearer token; anything else gets 401 (no token presented) or 403, and nothing
-changes. Errors are JSON ``{"error": ...}``: 400 bad body or parameter, 404
+changes. The API is not for browsers: a request with an ``Origin`` other than
+glb's own is refused (403), and a body must be ``application/json`` (415), so a
+web page cannot drive it from an operator's browser on an allowed address. Errors are JSON ``{"error": ...}``: 400 bad body or parameter, 404
 unknown path/backend/session, 405 wrong method, 409 the backend's state forbids it.
 
 Each endpoint is a plain WSGI callable over a minimal environ (``REQUEST_METHOD``,
@@ -28,6 +32,8 @@ import logging
 import time
 from urllib.parse import parse_qs, unquote
 
+from glb import reload
+from glb.config import REBALANCE_POLICIES
 from glb.connection import CLIENT
 from glb.control import bearer_token, json_response, peer_address
 from glb.errors import CloseCode, Status, is_sendable_close_code
@@ -69,14 +75,26 @@ def authorize(admin_settings, peer_ip, authorization):
 
 # -- request parsing ---------------------------------------------------------------------------
 
+def cross_site(environ):
+    """True for a request a browser made from another origin (the admin API takes none)."""
+    origin = environ.get("HTTP_ORIGIN")
+    if origin is None:
+        return False
+    host = environ.get("HTTP_HOST", "")
+    return origin.partition("://")[2].rstrip("/") != host or not host
+
+
 def read_json(environ):
-    """The request body as a JSON object ({} when empty); ApiError 400/413 otherwise."""
+    """The request body as a JSON object ({} when empty); ApiError 400/413/415 otherwise."""
     try:
         length = int(environ.get("CONTENT_LENGTH") or 0)
     except ValueError:
         raise ApiError(Status.BAD_REQUEST, "bad Content-Length") from None
     if length > MAX_BODY:
         raise ApiError(Status.PAYLOAD_TOO_LARGE, f"body over {MAX_BODY} bytes")
+    content_type = (environ.get("CONTENT_TYPE") or "").partition(";")[0].strip().lower()
+    if length > 0 and content_type != "application/json":
+        raise ApiError(Status.UNSUPPORTED_MEDIA_TYPE, "a body must be Content-Type: application/json")
     body = environ["wsgi.input"].read(length) if length > 0 else b""
     if not body.strip():
         return {}
@@ -165,6 +183,8 @@ class AdminApi:
         try:
             refusal = authorize(self.balancer.settings.admin, environ.get("REMOTE_ADDR", ""),
                                 environ.get("HTTP_AUTHORIZATION"))
+            if refusal is None and cross_site(environ):
+                refusal = ApiError(Status.FORBIDDEN, "admin calls from web pages of another origin are refused")
             if refusal is not None:
                 log.info("! admin call %s %s from %s refused: %s", environ.get("REQUEST_METHOD"),
                          environ.get("PATH_INFO"), environ.get("REMOTE_ADDR"), refusal.message)
@@ -197,6 +217,8 @@ class AdminApi:
             return "POST", getattr(self, self.BACKEND_ACTIONS[parts[2]]), (parts[1],)
         if parts == ["rebalance"]:
             return "POST", self.rebalance, ()
+        if parts == ["reload"]:
+            return "POST", self.reload, ()
         if parts == ["sessions"]:
             return "GET", self.list_sessions, ()
         if len(parts) == 3 and parts[0] == "sessions" and parts[2] == "close":
@@ -272,6 +294,10 @@ class AdminApi:
     # -- rebalancing and sessions -----------------------------------------------------------------
 
     def rebalance(self, data, query):
+        balancing = self.balancer.settings.glb.balancing
+        if balancing not in REBALANCE_POLICIES:
+            raise ApiError(Status.CONFLICT, f"rebalancing needs balancing = least_connections or p2c, not {balancing}: "
+                           "moved clients would not be sent to the emptier backends")
         rebalancer = self.balancer.rebalancer
         moves, chosen, short, _ = rebalancer.plan()
         rebalancer.trigger()
@@ -279,6 +305,12 @@ class AdminApi:
         return {"moving": len(chosen), "too_young": short,
                 "from": {backend.name: n for backend, n in moves.items()},
                 "rebalance_closes": self.balancer.rebalance_closes}
+
+    def reload(self, data, query):
+        changes, refusal = reload.reload_and_log(self.balancer)
+        if refusal is not None:
+            raise ApiError(Status.CONFLICT, f"reload refused; still running the previous config: {refusal}")
+        return {"reloaded": self.balancer.settings.path, "changes": changes.describe(), **changes._asdict()}
 
     def list_sessions(self, data, query):
         backend = None

@@ -417,7 +417,7 @@ SETTINGS = (
     Setting("glb", "protocols", List(Choice("websocket", "http"), min_items=1), "websocket, http",
             "What clients may do: WebSocket sessions, plain HTTP requests, or both."),
     Setting("glb", "handshake_timeout", Seconds(positive=True), "10",
-            "Time a client or backend gets to complete a WebSocket handshake."),
+            "Time a client gets to send a whole request head (and a backend to complete a WebSocket handshake)."),
     Setting("glb", "idle_timeout", Seconds(), "0",
             "Close sessions with no traffic either way for this long (0 = never)."),
     Setting("glb", "ping_interval", Seconds(), "30",
@@ -432,6 +432,15 @@ SETTINGS = (
             "Other backends tried for a new session when the chosen one cannot be reached."),
     Setting("glb", "shutdown_timeout", Seconds(), "10",
             "On SIGINT or SIGTERM, how long open sessions get to close before they are cut."),
+    Setting("glb", "upgrade_timeout", Seconds(positive=True), "30",
+            "On SIGUSR2, how long the new glb gets to start and say it is ready before it is stopped "
+            "and the running one carries on."),
+    Setting("glb", "drain_timeout", Seconds(), "60",
+            "After handing over to a new glb (SIGUSR2), how long the old one keeps relaying its open "
+            "sessions before closing them with 1001."),
+    Setting("glb", "drain_spread", Seconds(), "10",
+            "Those 1001 closes are spread at random over this many seconds, so clients do not "
+            "reconnect all at once (0 = all together)."),
     Setting("glb", "max_connections", Int(min=0), "0",
             "Most open connections (HTTP and WebSocket, control channels included); a new one beyond "
             "it gets 503 and an `error` event. 0 = half the file descriptor limit (raised to the hard "
@@ -452,7 +461,7 @@ SETTINGS = (
     Setting("glb", "rebalance_threshold", Number(0, 1), "0.1",
             "How far above its share (a fraction of it) a backend may be before sessions are moved."),
     Setting("glb", "rebalance_rate", Number(0.1, 10000), "20",
-            "Most sessions closed per second by rebalancing, each at a random moment."),
+            "Most sessions closed per second by rebalancing, each at a random moment of its own 1/rate slot."),
     Setting("glb", "rebalance_cooldown", Seconds(), "30",
             "Sessions younger than this are not moved (yet), so no client is moved twice in a row."),
     Setting("glb", "log_level", Choice("debug", "info", "warning", "error"), "info",
@@ -472,6 +481,9 @@ SETTINGS = (
     Setting("backends", "max_bindings", Int(min=1), "16",
             "Most bindings one backend may register; one more closes its channel with 1008 (a backend "
             "has a few listeners; thousands is a bug to see at once)."),
+    Setting("backends", "max_outbox_bytes", Int(min=65536), "33554432",
+            "Bytes of broadcast envelopes queued for one control channel; a backend that falls further "
+            "behind is closed with 1008 \"slow consumer\" (one envelope of any size fits an empty queue)."),
     Setting("backends", "verify", Bool(), "true",
             "Verify the TLS certificates of wss:// and https:// backends."),
     Setting("backends", "cafile", FilePath(), "",
@@ -497,11 +509,17 @@ SETTINGS = (
     Setting("http", "connect_timeout", Seconds(positive=True), "5",
             "Time to connect to a backend for an HTTP request."),
     Setting("http", "read_timeout", Seconds(positive=True), "60",
-            "Time to wait for each read of a backend's response."),
+            "Time to wait for each read of a backend's response or of a client's request body."),
     Setting("http", "pool_connections", Int(min=1), "10",
-            "Backends whose connection pools are kept."),
+            "Backend addresses whose keep-alive connections are kept (the least recently used beyond)."),
     Setting("http", "pool_maxsize", Int(min=1), "100",
-            "Idle connections kept per backend for reuse."),
+            "Idle keep-alive connections kept per backend for reuse."),
+    Setting("http", "pool_idle_timeout", Seconds(positive=True), "30",
+            "Close a pooled backend connection unused for this long."),
+    Setting("http", "keepalive_timeout", Seconds(positive=True), "60",
+            "Close a client connection that sends no next request for this long."),
+    Setting("http", "max_head_size", Int(min=1024), "16384",
+            "Largest request or response head in bytes: 414 (request line) or 431 beyond it."),
     Setting("http", "host_header", Choice("client", "backend"), "client",
             "Host header the backend sees: the one the client sent, or the backend's own host."),
     Setting("http", "retries", Int(min=0), "2",
@@ -573,6 +591,11 @@ for _setting in SETTINGS:
 del _setting
 
 
+# Policies that send a reconnecting client to the emptiest backend, as rebalancing needs. The
+# others would send a moved client back (hash) or anywhere (random, round robin): churn.
+REBALANCE_POLICIES = ("least_connections", "p2c")
+
+
 def cross_checks(settings):
     """Problems no single value shows, as (section, key, reason); the first one found is raised."""
     tls, backends = settings.tls, settings.backends
@@ -606,6 +629,9 @@ def cross_checks(settings):
                 ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(values.cafile)
             except (ssl.SSLError, OSError) as exc:
                 yield section, "cafile", f"not a usable CA bundle: {_ssl_reason(exc)}"
+    if settings.glb.rebalance and settings.glb.balancing not in REBALANCE_POLICIES:
+        yield "glb", "rebalance", (f"needs balancing = least_connections or p2c: with {settings.glb.balancing}, "
+                                   "moved clients would not be sent to the emptier backends")
     seen_urls = {}
     for backend in settings.backends_static:
         if backend.url in seen_urls:

@@ -51,10 +51,10 @@ EVENT_TABLE = (
               "connection, session, data, opcode, continuation, final", "drop (handled)"),
     EventSpec("server_connect", "a backend has opened a control channel (not yet registered)",
               "connection, backend", "read; reject by closing"),
-    EventSpec("server_disconnect", "a backend's control channel has closed",
-              "connection, backend, code", "read"),
-    EventSpec("server_ready", "a backend has finished registering and is eligible for traffic",
-              "connection, backend", "read"),
+    EventSpec("server_disconnect", "a backend's control channel has closed, or health checks took a backend "
+              "out (then connection and code are None)", "connection, backend, code", "read"),
+    EventSpec("server_ready", "a backend has finished registering and is eligible for traffic, or is back "
+              "after health checks (then connection is None)", "connection, backend", "read"),
     EventSpec("before_send_server_binding", "glb is about to send a chosen backend binding to a client",
               "connection, binding (host, port, ssl)", "change host, port, ssl"),
     EventSpec("http_request", "an ordinary HTTP request arrived, before it is forwarded",

@@ -10,8 +10,9 @@ backend with ``check`` set)::
                               unanswered heartbeat_timeout at once, its client sessions get 1014
     active check fails        its checker, fall in a row   backend down (server_disconnect fires)
     active check passes       its checker, rise in a row   backend up again (server_ready fires)
-    connects fail (passive)   the relay: max_fails within  backend down for fail_timeout, then up
-                              fail_timeout                 again (the sweeper brings it back)
+    connects fail (passive)   the relay or the HTTP proxy: backend down for fail_timeout, then up
+                              max_fails within fail_timeout again (the sweeper brings it back);
+                                                           never the last candidate left
 
 A backend that comes back (or is new) ramps its effective weight over
 ``slow_start`` seconds (``Backend.effective_weight``, from
@@ -29,6 +30,7 @@ from gevent.pool import Group
 from glb.errors import CloseCode, ConnectionClosed, HandshakeFailed
 from glb.frames import OP_PING, encode_frame
 from glb.registry import GONE, UP
+from glb.spread import close_spread
 from glb.websocket import connect
 
 log = logging.getLogger("glb.health")
@@ -217,8 +219,9 @@ class HealthMonitor:
         session.leave_pool()
         self.group.spawn(_close_quietly, session.conn.websocket, CloseCode.INTERNAL_ERROR,
                          "heartbeat timeout")
-        for client in [s for s in self.balancer.client_sessions if s.backend is backend]:
-            client.close(CloseCode.BAD_GATEWAY, "backend not responding")
+        clients = [s.conn for s in list(self.balancer.client_sessions) if s.backend is backend]
+        if clients:  # in a greenlet of its own: a slow client must not hold up the heartbeats
+            self.group.spawn(close_spread, clients, CloseCode.BAD_GATEWAY, "backend not responding", 0)
 
 
 def fall_text(fall):

@@ -54,6 +54,8 @@ METRICS = (
     Metric("glb_backend_reported_clients", "gauge", ("backend",),
            "Clients the backend reports as connected to it directly."),
     Metric("glb_backend_weight", "gauge", ("backend",), "The backend's weight for weighted balancing."),
+    Metric("glb_backend_effective_weight", "gauge", ("backend",),
+           "The weight balancing uses now: below glb_backend_weight while slow start ramps it up."),
     Metric("glb_backend_sessions_total", "counter", ("backend",), "Sessions relayed to the backend that ended."),
     Metric("glb_backend_connect_failures_total", "counter", ("backend",),
            "Times a new session could not reach the backend (refused, timed out, bad handshake)."),
@@ -74,6 +76,10 @@ METRICS = (
     Metric("glb_broadcast_envelopes_total", "counter", (), "Broadcast envelopes fanned out to the backends."),
     Metric("glb_broadcast_dropped_total", "counter", (),
            "Copies of broadcast envelopes dropped because a backend's control channel queue was full."),
+    Metric("glb_rebalance_closes_total", "counter", (),
+           "Client sessions closed (1012) by rebalancing so their clients reconnect to emptier backends."),
+    Metric("glb_heartbeat_evictions_total", "counter", (),
+           "Registered backends taken out because their control channel missed a heartbeat."),
     Metric("glb_event_handler_errors_total", "counter", ("event",), "Handler calls that raised, by event."),
 )
 
@@ -125,6 +131,7 @@ class BalancerCollector:
             f["glb_backend_sessions"].add_metric([name], backend.relayed)
             f["glb_backend_reported_clients"].add_metric([name], len(backend.reported_clients))
             f["glb_backend_weight"].add_metric([name], backend.weight)
+            f["glb_backend_effective_weight"].add_metric([name], backend.effective_weight)
         for name, figures in sorted(backend_figures(balancer).items()):
             totals = stats.backends.get(name)
             f["glb_backend_sessions_total"].add_metric([name], totals.sessions if totals else 0)
@@ -145,6 +152,8 @@ class BalancerCollector:
             f[metric].add_metric([], histogram.cumulative(), histogram.sum)
         f["glb_broadcast_envelopes_total"].add_metric([], stats.broadcast_envelopes)
         f["glb_broadcast_dropped_total"].add_metric([], stats.broadcast_dropped)
+        f["glb_rebalance_closes_total"].add_metric([], balancer.rebalance_closes)
+        f["glb_heartbeat_evictions_total"].add_metric([], balancer.health.evictions)
         for event, count in sorted(balancer.bus.handler_errors.items()):
             if count:
                 f["glb_event_handler_errors_total"].add_metric([event], count)

@@ -23,7 +23,7 @@ Rules::
     which        the backend's oldest sessions that are at least
                  rebalance_cooldown old (a session that just arrived, say a
                  client that was just moved, stays where it is)
-    draining, down or full backends are not part of the sum: drain empties them
+    draining or down backends are not part of the sum: drain empties them
 """
 
 import logging
@@ -35,6 +35,7 @@ import gevent
 from gevent.event import Event
 
 from glb.errors import CloseCode
+from glb.registry import READY, UP
 from glb.spread import close_spread
 
 log = logging.getLogger("glb.rebalance")
@@ -120,9 +121,16 @@ class Rebalancer:
         self.idle.set()
         self._loop = None
         self.running = False  # a pass is closing sessions
+        self._watching = False
         if self.automatic:
-            bus = balancer.bus
-            bus.add_handler("server_ready", lambda event: self.trigger(), origin="glb.rebalance")
+            self.watch_pool()
+
+    def watch_pool(self):
+        """Look at the pool whenever a backend becomes ready (connected once, when first automatic)."""
+        if not self._watching:
+            self._watching = True
+            self.balancer.bus.add_handler("server_ready", lambda event: self.pool_changed(),
+                                          origin="glb.rebalance")
 
     def start(self):
         self._loop = gevent.spawn(self._run_forever)
@@ -146,7 +154,8 @@ class Rebalancer:
 
     def snapshot(self):
         """``(loads, sessions)`` for plan_moves/choose_sessions, keyed by Backend."""
-        pool = [b for b in self.balancer.registry.candidates()]
+        pool = [b for b in self.balancer.registry.all()
+                if b.state == READY and b.health == UP and b.bindings]
         sessions = {backend: [] for backend in pool}
         for session in list(self.balancer.client_sessions):
             items = sessions.get(session.backend)
@@ -181,7 +190,8 @@ class Rebalancer:
             try:
                 closed = close_spread([_RebalanceClose(s, self) for s in chosen],
                                       CloseCode.SERVICE_RESTART, REASON, len(chosen) / self.rate,
-                                      rng=self.rng, is_open=lambda item: item.session.outcome is None)
+                                      rng=self.rng, is_open=lambda item: item.session.outcome is None,
+                                      paced=True)
             finally:
                 self.running = False
         retry = next_eligible({b: sessions[b] for b in moves}, time.monotonic(), self.cooldown) \

@@ -1,11 +1,12 @@
 """Server wiring: listeners, routing, the upgrade path and graceful shutdown.
 
-``Balancer`` is one running glb. Each listener is a gevent ``WSGIServer`` with
-``UpgradeHandler`` (gevent-websocket's handler, with glb's handshake checks).
-A valid upgrade becomes a *session*: an object with ``response_headers`` and
-``run()`` chosen by path (own echo, control channel, client relay). The 101 is
-written by glb, then the socket is detached from pywsgi so the handler, its
-environ and its buffers are freed while the session lives in its own greenlet.
+``Balancer`` is one running glb. Each listener is a gevent ``WSGIServer`` whose
+handler class, ``UpgradeHandler`` (glb.http_server), reads every request itself:
+glb's own endpoints (``http_routes``), upgrades (``handle_upgrade``) and the rest
+(``http_proxy``). A valid upgrade becomes a *session*: an object with
+``response_headers`` and ``run()`` chosen by path (own echo, control channel,
+client relay). The 101 is written by glb, then the socket is detached from the
+server so the session lives in its own greenlet.
 """
 
 import logging
@@ -14,11 +15,10 @@ import time
 
 import gevent
 from gevent.pool import Group
-from gevent.pywsgi import WSGIHandler, WSGIServer
-from geventwebsocket.handler import WebSocketHandler
+from gevent.pywsgi import WSGIServer
 
-from glb import broadcast  # Balancer.broadcast / write_data / ping delegate to it
-from glb import handshake, tls
+from glb import broadcast  # Balancer.broadcast / write_data / write_backend_client / ping delegate to it
+from glb import handshake, reload, tls
 from glb.admin import AdminApi
 from glb.admission import Admission
 from glb.balancing import PickRequest, make_policy
@@ -26,9 +26,10 @@ from glb.control import SGC_BINDING_PATH, SGC_CONTROL_PATH, BindingEndpoint, Con
 from glb.connection import CLIENT, Connection, headers_from_environ
 from glb.errors import CloseCode, Status
 from glb.events import EventBus
-from glb.handlers import load_handlers
+from glb.handlers import load_handler_receivers
 from glb.health import HealthMonitor
 from glb.http_proxy import HttpProxy
+from glb.http_server import UpgradeHandler
 from glb.own_sessions import EchoSession
 from glb.pool import PoolControl
 from glb.rebalance import Rebalancer
@@ -43,29 +44,6 @@ from glb.websocket import WebSocket
 log = logging.getLogger("glb.server")
 
 
-class UpgradeHandler(WebSocketHandler):
-    """pywsgi handler: upgrades go to the balancer, everything else to the WSGI app."""
-
-    def handle(self):
-        if self.socket.family != stdlib_socket.AF_UNIX:
-            # pywsgi writes headers and body separately: without this, Nagle delays small answers
-            self.socket.setsockopt(stdlib_socket.IPPROTO_TCP, stdlib_socket.TCP_NODELAY, 1)
-        # A client that sends its request (or the next one) too slowly is let go; sessions
-        # clear this once upgraded (see _take_socket).
-        self.socket.settimeout(getattr(self.server, "read_timeout", None))
-        super().handle()
-
-    def run_application(self):
-        if handshake.is_upgrade_request(self.environ):
-            self.server.balancer.handle_upgrade(self)
-        else:
-            WSGIHandler.run_application(self)
-
-    def log_request(self):
-        # access lines come from the access_log handler module, not pywsgi
-        pass
-
-
 class Balancer:
     """One running glb: settings, event bus, backend pool, listeners and open sessions."""
 
@@ -74,7 +52,8 @@ class Balancer:
         self.stats = Stats()  # plain counters; glb.metrics and the status page read them
         self.bus = EventBus()
         modules = settings.handlers.modules if handler_modules is None else handler_modules
-        for warning in load_handlers(modules, self.bus, settings):
+        self.handler_receivers, warnings = load_handler_receivers(modules, self.bus, settings)
+        for warning in warnings:
             log.warning("%s", warning)
         backends = settings.backends
         self.registry = Registry(backends.max_clients_reported, backends.max_bindings,
@@ -93,6 +72,7 @@ class Balancer:
         self.servers = []
         self.stopping = False
         self.control_channels = {}  # guid -> ControlSession whose server data was accepted
+        self.reload_hooks = []  # f(old_settings, new_settings), called once a reload is applied (glb.reload)
         self.ws_routes = {
             self.prefix + "echo": EchoSession,
             self.prefix + "control": ControlSession,
@@ -118,11 +98,13 @@ class Balancer:
 
     # -- listeners ---------------------------------------------------------
 
-    def start(self):
+    def start(self, inherited=None):
         """Bind every listener and start accepting; returns the plain (host, port) list.
 
         TLS listeners (``tls_addresses``) get their contexts first, so a bad
         certificate or a failing TLS handler binds nothing (see glb.tls).
+        ``inherited`` (glb.listeners) holds listening sockets passed by the
+        previous glb or systemd: a listener uses its socket instead of binding.
         """
         settings = self.settings
         file = settings.path or "<dict>"
@@ -133,37 +115,50 @@ class Balancer:
         if not settings.backends.verify:
             log.warning("= [backends] verify = false: certificates of wss:// and https:// backends are not checked")
         self.admission.start()
-        for host, port in settings.glb.listen:
-            server = WSGIServer((host, port), self.wsgi_app, handler_class=UpgradeHandler,
-                                log=None, error_log=_PywsgiErrorLog())
-            server.balancer = self
-            server.read_timeout = settings.glb.handshake_timeout
-            self.admission.guard(server)
-            server.start()
-            self.servers.append(server)
-            log.info("= listening on http://%s", _format_address(server.address))
-        for (host, port), context in contexts:
-            server = tls.TLSServer((host, port), self.wsgi_app, context,
-                                   handshake_timeout=settings.glb.handshake_timeout,
-                                   handler_class=UpgradeHandler, log=None, error_log=_PywsgiErrorLog())
-            server.balancer = self
-            server.read_timeout = settings.glb.handshake_timeout
-            self.admission.guard(server)
-            server.start()
-            self.servers.append(server)
-            log.info("= listening on https://%s", _format_address(server.address))
+        take = inherited.take if inherited is not None else (lambda scheme, address: None)
+        for address in settings.glb.listen:
+            self.start_listener(self.make_listener("http", address, sock=take("http", address)))
+        for address, context in contexts:
+            self.start_listener(self.make_listener("https", address, context, sock=take("https", address)))
+        if inherited is not None:
+            inherited.close_rest()
         self._sweeper = gevent.spawn(self._sweep_forever)
+        self.http_proxy.start()
         self.health.start()
         self.rebalancer.start()
         return self.addresses
 
+    def make_listener(self, scheme, address, context=None, sock=None):
+        """A server for one configured listener, not yet accepting; ``sock``: an inherited listening socket."""
+        glb = self.settings.glb
+        listener = sock if sock is not None else address
+        if scheme == "https":
+            server = tls.TLSServer(listener, _no_application, context, handshake_timeout=glb.handshake_timeout,
+                                   handler_class=UpgradeHandler, log=None, error_log=_PywsgiErrorLog())
+        else:
+            server = WSGIServer(listener, _no_application, handler_class=UpgradeHandler,
+                                log=None, error_log=_PywsgiErrorLog())
+        server.balancer = self
+        server.scheme, server.configured, server.inherited = scheme, tuple(address), sock is not None
+        self.admission.guard(server)
+        return server
+
+    def start_listener(self, server):
+        """Start accepting on a server from ``make_listener`` (binding it, unless bound already)."""
+        server.start()
+        self.servers.append(server)
+        log.info("= listening on %s://%s%s", server.scheme, _format_address(server.address),
+                 " (inherited)" if server.inherited else "")
+        return server
+
     def _sweep_forever(self):
         """Keep-alive pings, ping timeouts and idle timeouts for every client session, from one greenlet."""
-        glb = self.settings.glb
-        periods = [p for p in (glb.ping_interval, glb.ping_timeout, glb.idle_timeout) if p]
-        tick = max(0.05, min(periods) / 4) if periods else None
-        while tick is not None and not self.stopping:
-            gevent.sleep(tick)
+        while not self.stopping:
+            glb = self.settings.glb  # each round: a reload may change the periods
+            periods = [p for p in (glb.ping_interval, glb.ping_timeout, glb.idle_timeout) if p]
+            gevent.sleep(max(0.05, min(periods) / 4) if periods else 1.0)
+            if not periods:
+                continue
             now = time.monotonic()
             for session in list(self.client_sessions):
                 session.keep_alive(now, glb.ping_interval, glb.ping_timeout, glb.idle_timeout)
@@ -211,18 +206,20 @@ class Balancer:
 
     # -- plain HTTP --------------------------------------------------------
 
-    def wsgi_app(self, environ, start_response):
-        path = environ.get("PATH_INFO", "")
-        route = self.http_routes.get(path)
-        if route is not None:
-            return route(environ, start_response)
-        for prefix, route in self.http_prefix_routes.items():
-            if path.startswith(prefix):
-                return route(environ, start_response)
-        return self.forward_http(environ, start_response)
+    def http_route(self, path):
+        """glb's own WSGI endpoint for ``path``, or None (the request is forwarded).
 
-    def forward_http(self, environ, start_response):
-        return self.http_proxy(environ, start_response)
+        An exact entry of ``http_routes`` first; else the longest entry of
+        ``http_prefix_routes`` that ``path`` starts with (``/glb/admin/...``).
+        """
+        route = self.http_routes.get(path)
+        if route is not None or not path.startswith(self.prefix):
+            return route
+        best = ""
+        for prefix in self.http_prefix_routes:
+            if len(prefix) > len(best) and path.startswith(prefix):
+                best = prefix
+        return self.http_prefix_routes[best] if best else None
 
     # -- upgrades ----------------------------------------------------------
 
@@ -325,8 +322,12 @@ class Balancer:
         return broadcast.broadcast(self, message, channel, protocol, include, exclude)
 
     def write_data(self, connection_id, message):
-        """Send to one connection: glb's own (Connection.id) or a backend's client; 0 = nowhere."""
+        """Send to one of glb's own connections (Connection.id); 1 if written, 0 if not."""
         return broadcast.write_data(self, connection_id, message)
+
+    def write_backend_client(self, client_id, message):
+        """Send to a client a backend reported (its own id), through the backends; how many took it."""
+        return broadcast.write_backend_client(self, client_id, message)
 
     def ping(self):
         """Ping every WebSocket glb accepted, control channels included; how many were pinged."""
@@ -336,6 +337,14 @@ class Balancer:
         """A protocol or I/O error on one of glb's connections: log it and fire ``error``."""
         log.info("! %s %s", conn.id if conn is not None else "-", text)
         self.bus.fire(self.bus.error, connection=conn, error=text)
+
+    def reload(self, path=None):
+        """Check the config at ``path`` (default: the file it came from) and apply it in place.
+
+        Returns what changed (glb.reload.Changes). Raises ConfigError, HandlerLoadError or
+        OSError with the running config untouched.
+        """
+        return reload.reload(self, path or self.settings.path)
 
     def pick_request(self, environ):
         return PickRequest.from_environ(environ)
@@ -410,6 +419,11 @@ def _take_socket(handler):
 def _format_address(address):
     host, port = address[:2]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _no_application(environ, start_response):
+    """gevent's server wants an application; glb's handler class never calls it."""
+    raise RuntimeError("glb answers every request itself")
 
 
 class _PywsgiErrorLog:

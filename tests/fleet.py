@@ -71,6 +71,10 @@ class Fleet:
                 counts[client.backend] = counts.get(client.backend, 0) + 1
         return counts
 
+    def opened_since(self, moment):
+        """(time, backend) of every session opened at or after ``moment``."""
+        return [item for c in self.clients for item in c.opened if item[0] >= moment]
+
     def closes(self, code=None):
         found = [close for c in self.clients for close in c.closes if code is None or close.code == code]
         return sorted(found, key=lambda close: close.at)
@@ -98,6 +102,7 @@ class Client:
         self.ws = None
         self.backend = None
         self.sessions = 0  # sessions opened, reconnects included
+        self.opened = []  # (monotonic time, backend guid) of every session opened
         self.closes = []
         self.errors = []  # why connects failed (glb down, no backend yet, ...)
         self.stopping = False
@@ -123,6 +128,7 @@ class Client:
                 continue
             self.ws, self.backend = ws, backend
             self.sessions += 1
+            self.opened.append((time.monotonic(), backend))
             fleet._changed()
             while ws.receive() is not None:
                 pass

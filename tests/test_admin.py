@@ -49,6 +49,7 @@ EVERY_CALL = [
     ("POST", "backends/blue/weight", {"weight": 5}),
     ("POST", "backends/blue/close", {"code": 1012}),
     ("POST", "rebalance", None),
+    ("POST", "reload", None),
     ("GET", "sessions?backend=blue", None),
     ("POST", "sessions/c1/close", None),
 ]
@@ -171,10 +172,25 @@ def test_bad_calls_get_json_errors_and_change_nothing(method, path, body, status
         assert [(b.state, b.weight) for b in balancer.registry.all()] == [(READY, 1), (READY, 1)]
 
 
+def test_browsers_cannot_drive_it_from_another_origin():
+    with two_backends() as (balancer, _, _f, _r):
+        url = admin_url(balancer, "backends/blue/drain")
+        forged = requests.post(url, timeout=5, headers={"Origin": "http://evil.example"})
+        assert forged.status_code == 403 and "origin" in forged.json()["error"]
+        form = requests.post(url, data={"spread": "0"}, timeout=5)  # what an HTML form could send
+        assert form.status_code == 415
+        assert balancer.registry.get("blue").state == READY
+        host, port = balancer.addresses[0]
+        same = requests.get(admin_url(balancer, "backends/blue"), timeout=5,
+                            headers={"Origin": f"http://{host}:{port}"})
+        assert same.status_code == 200 and same.json()["name"] == "blue"
+
+
 def test_a_body_that_is_not_json_is_400():
     with two_backends() as (balancer, _, _f, _r):
         for body in (b"{nope", b"[1, 2]"):
-            answer = requests.post(admin_url(balancer, "backends/blue/drain"), data=body, timeout=5)
+            answer = requests.post(admin_url(balancer, "backends/blue/drain"), data=body, timeout=5,
+                                   headers={"Content-Type": "application/json"})
             assert answer.status_code == 400 and answer.json()["error"]
         assert balancer.registry.get("blue").state == READY
 

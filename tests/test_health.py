@@ -3,6 +3,7 @@
 import socket
 
 import pytest
+import requests
 
 from glb import control_records as records
 from glb.balancing import slow_start_weight
@@ -13,6 +14,7 @@ from tests.backends import started
 from tests.fleet import Fleet
 from tests.support import base_url, running_glb
 from tests.test_control import Recorder, open_channel
+from tests.test_metrics import scrape, value
 
 # -- socket-free -----------------------------------------------------------------------------------
 
@@ -43,16 +45,25 @@ def test_parse_check():
 def test_passive_failures_within_the_window_eject():
     registry = Registry(max_fails=3, fail_timeout=10)
     registry.add_static("a", "ws://10.0.0.1:80")
-    backend = registry.get("a")
+    registry.add_static("b", "ws://10.0.0.2:80")
+    backend, other = registry.get("a"), registry.get("b")
     assert not registry.connect_failed(backend, now=100.0)
     assert not registry.connect_failed(backend, now=105.0)
     assert not registry.connect_failed(backend, now=111.0)  # the one at 100 is out of the window
     assert registry.connect_failed(backend, now=112.0)
     assert registry.mark_down(backend, "3 failed", until=122.0)
-    assert backend.health == DOWN and registry.candidates() == ()
+    assert backend.health == DOWN and registry.candidates() == (other,)
     assert registry.ejections_over(now=121.0) == [] and registry.ejections_over(now=122.0) == [backend]
-    assert registry.mark_up(backend) and backend.health == UP and registry.candidates() == (backend,)
+    assert registry.mark_up(backend) and backend.health == UP and backend in registry.candidates()
     assert backend.failures == []
+
+
+def test_the_last_candidate_is_never_ejected():
+    registry = Registry(max_fails=1)
+    registry.add_static("a", "ws://10.0.0.1:80")
+    assert not registry.connect_failed(registry.get("a"), now=1.0)
+    registry.add_static("b", "ws://10.0.0.2:80")
+    assert registry.connect_failed(registry.get("a"), now=2.0)
 
 
 def test_max_fails_zero_never_ejects_and_an_own_setting_wins():
@@ -95,6 +106,13 @@ def test_a_killed_static_backend_goes_out_after_fall_and_back_after_rise(slow_st
             assert down.backend is registered and registered.health == DOWN
             assert "2 checks failed" in registered.down_reason
             assert [b.name for b in balancer.registry.candidates()] == ["steady"]
+            balancer.live_feed._sample()  # what the status page shows
+            assert balancer.live_feed.rows["flaky"]["health"] == DOWN
+            assert balancer.live_feed.totals["backends_ready"] == 1
+            samples = scrape(balancer)
+            assert value(samples, "glb_backend_healthy", backend="flaky") == 0
+            assert value(samples, "glb_backend_up", backend="flaky") == 0
+            assert value(samples, "glb_backend_up", backend="steady") == 1
             fleet = Fleet(base_url(balancer) + "/app", 10).start()  # meanwhile all go to steady
             try:
                 assert fleet.by_backend() == {"steady": 10}
@@ -164,9 +182,44 @@ def test_a_hung_registered_backend_is_evicted_and_its_clients_move():
                 gone = recorder.wait("server_disconnect", timeout=10)[0]
                 assert gone.backend.guid == "hung" and balancer.registry.get("hung") is None
                 assert balancer.health.evictions == 1
+                assert value(scrape(balancer), "glb_heartbeat_evictions_total") == 1
                 fleet.wait_for(lambda: fleet.by_backend() == {"healthy": 6}, 10, "clients on healthy")
                 assert {(c.code, c.backend) for c in fleet.closes()} == {(1014, "hung")}
                 assert len(recorder.of("client_disconnect", lambda e: e.code == 1014)) == 6
             finally:
                 fleet.stop()
                 channel.abort()
+
+
+@pytest.mark.timeout(30)
+def test_failed_http_connects_count_too():
+    good = DemoBackend(guid="good")
+    with started(good):
+        with running_glb(glb={"balancing": "round_robin"},
+                         **{"backend:dead": {"url": f"ws://127.0.0.1:{closed_port()}", "max_fails": 2},
+                            "backend:good": {"url": f"ws://127.0.0.1:{good.port}"}}) as balancer:
+            recorder = Recorder(balancer, "server_disconnect")
+            for _ in range(4):  # round robin: every other GET tries dead first, then good answers
+                answer = requests.get(base_url(balancer, "http") + "/whoami", timeout=5)
+                assert answer.text == "good"
+            down = recorder.wait("server_disconnect")[0]
+            assert down.backend.name == "dead" and balancer.registry.get("dead").health == DOWN
+
+
+@pytest.mark.timeout(30)
+def test_tcp_and_http_checks():
+    server = DemoBackend(guid="server")  # answers GET /whoami with 200 and anything else with 404
+    with started(server):
+        fast = {"check_interval": 0.05, "rise": 1, "fall": 2}
+        url = f"ws://127.0.0.1:{server.port}"
+        with running_glb(**{"backend:fine": {"url": url, "check": "http /whoami", **fast},
+                            "backend:missing": {"url": url + "/", "check": "http /nope", **fast},
+                            "backend:dead": {"url": f"ws://127.0.0.1:{closed_port()}", "check": "tcp", **fast},
+                            "backend:open": {"url": f"ws://localhost:{server.port}", "check": "tcp", **fast},
+                            }) as balancer:
+            recorder = Recorder(balancer, "server_disconnect")
+            downs = recorder.wait("server_disconnect", 2, timeout=10)
+            assert sorted(e.backend.name for e in downs) == ["dead", "missing"]
+            assert "answered 404" in balancer.registry.get("missing").down_reason
+            assert "tcp connect failed" in balancer.registry.get("dead").down_reason
+            assert sorted(b.name for b in balancer.registry.candidates()) == ["fine", "open"]

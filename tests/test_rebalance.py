@@ -3,12 +3,14 @@
 import contextlib
 
 import pytest
+import requests
 
 from glb.demo_backend import DemoBackend, lb_url_for
 from glb.rebalance import choose_sessions, next_eligible, plan_moves
 from tests.fleet import Fleet
 from tests.support import base_url, running_glb
 from tests.test_control import Recorder
+from tests.test_metrics import scrape, value
 
 # -- plan_moves: how many sessions leave each backend ---------------------------------------------
 
@@ -112,6 +114,9 @@ def test_a_fourth_backend_gets_its_share_with_rebalance_on():
         moved = recorder.wait("client_disconnect", expected_moves)
         assert {(e.code, e.reason, e.closed_by) for e in moved} == {(1012, "rebalance", "glb")}
         assert relayed(balancer) == after
+        status = requests.get(base_url(balancer, "http") + "/glb/status", timeout=5).json()
+        assert status["rebalance_closes"] == expected_moves
+        assert value(scrape(balancer), "glb_rebalance_closes_total") == expected_moves
 
 
 @pytest.mark.timeout(40)
@@ -125,3 +130,61 @@ def test_with_rebalance_off_nothing_moves():
         assert sum(moves.values()) == len(chosen) > 0  # it is unbalanced, and stays so
         assert fleet.by_backend() == before and fleet.closes() == []
         assert balancer.rebalance_closes == 0 and relayed(balancer)["b4"] == 0
+
+
+# -- after a glb restart ----------------------------------------------------------------------------
+
+def free_port():
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.timeout(60)
+def test_after_a_restart_clients_do_not_all_stay_on_the_first_backend_back():
+    port = free_port()
+    settings = {"glb": {"listen": f"127.0.0.1:{port}", "rebalance": "on", "rebalance_cooldown": 0,
+                        "rebalance_rate": 200}}
+    lb = f"ws://127.0.0.1:{port}/glb/control"
+    backends = [DemoBackend(0, lb_urls=[lb], guid=f"b{i}") for i in range(1, 4)]
+    fleet = None
+    try:
+        with running_glb(**settings) as first:
+            recorder = Recorder(first, "server_ready")
+            for backend in backends:
+                backend.start()
+            recorder.wait("server_ready", 3)
+            fleet = Fleet(f"ws://127.0.0.1:{port}/app", 30, reconnect_on={1001, 1012}).start()
+            # b2 and b3 will be slow to come back: their agents stay away until told
+            for backend in backends[1:]:
+                backend.agent.stop(timeout=1)
+        # glb restarts: every client got 1001 and reconnects; only b1 re-registers at first
+        with running_glb(**settings) as second:
+            recorder = Recorder(second, "server_ready")
+            recorder.wait("server_ready", timeout=15)
+            fleet.wait_for(lambda: fleet.connected() == 30, 20, "every client back")
+            assert fleet.by_backend() == {"b1": 30}  # where everyone lands before the others return
+            for backend in backends[1:]:
+                backend.agent.start()
+            recorder.wait("server_ready", 3, timeout=15)
+            fleet.wait_for(lambda: fleet.connected() == 30 and second.rebalance_closes == 20, 20, "20 moved")
+            after = fleet.by_backend()
+            assert len(after) == 3 and all(9 <= n <= 11 for n in after.values())  # within 10% of 10
+            print("after the others returned:", fleet.by_backend(), "moved:", second.rebalance_closes)
+            assert second.rebalance_closes == 20
+    finally:
+        if fleet is not None:
+            fleet.stop()
+        for backend in backends:
+            backend.stop(timeout=1)
+
+
+def test_rebalancing_needs_a_policy_that_sends_moved_clients_to_the_emptier_backends():
+    from glb.errors import ConfigError
+    from tests.support import make_settings
+    with pytest.raises(ConfigError, match=r"\[glb\], key 'rebalance': needs balancing = least_connections or p2c"):
+        make_settings(glb={"rebalance": "on", "balancing": "hash"})
+    with running_glb(glb={"balancing": "round_robin"}) as balancer:
+        answer = requests.post(base_url(balancer, "http") + "/glb/admin/rebalance", timeout=5)
+        assert answer.status_code == 409 and "least_connections" in answer.json()["error"]
