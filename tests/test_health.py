@@ -223,3 +223,22 @@ def test_tcp_and_http_checks():
             assert "answered 404" in balancer.registry.get("missing").down_reason
             assert "tcp connect failed" in balancer.registry.get("dead").down_reason
             assert sorted(b.name for b in balancer.registry.candidates()) == ["fine", "open"]
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("status, counted", [(503, True), (403, False)])
+def test_refused_handshakes_count_when_the_backend_is_failing_not_when_it_judges(status, counted):
+    from tests.backends import ScriptedBackend
+    from tests.support import RawClient
+    refusing, good = ScriptedBackend(refuse=(status, b"no")), DemoBackend(guid="good")
+    with started(refusing, good):
+        with running_glb(glb={"balancing": "round_robin", "backend_retries": 0},
+                         **{"backend:refusing": {**refusing.static_section(), "max_fails": 2},
+                            "backend:good": {"url": f"ws://127.0.0.1:{good.port}"}}) as balancer:
+            statuses = []
+            for _ in range(4):  # round robin: two of the four go to "refusing"
+                client = RawClient(balancer.addresses[0], path="/app")
+                statuses.append(client.status)
+                client.close()
+            assert sorted(statuses) == [101, 101, status, status]
+            assert (balancer.registry.get("refusing").health == DOWN) is counted
