@@ -9,6 +9,8 @@
     POST admin/backends/NAME/weight             {"weight": 1..100}
     POST admin/backends/NAME/close              {"code": 1012, "reason": "...", "spread": seconds}
     POST admin/rebalance                        a rebalancing pass now (whatever [glb] rebalance says)
+    POST admin/reload                           read the config file again and apply it (as SIGHUP);
+                                                409 with the one-line reason when it is refused
     GET  admin/sessions?backend=NAME&offset=0&limit=100
     POST admin/sessions/ID/close                {"code": 1012, "reason": "..."}
 
@@ -32,6 +34,7 @@ import logging
 import time
 from urllib.parse import parse_qs, unquote
 
+from glb import reload
 from glb.config import REBALANCE_POLICIES, rebalance_policy_reason
 from glb.connection import CLIENT
 from glb.control import bearer_token, json_response, peer_address
@@ -216,6 +219,8 @@ class AdminApi:
             return "POST", getattr(self, self.BACKEND_ACTIONS[parts[2]]), (parts[1],)
         if parts == ["rebalance"]:
             return "POST", self.rebalance, ()
+        if parts == ["reload"]:
+            return "POST", self.reload, ()
         if parts == ["sessions"]:
             return "GET", self.list_sessions, ()
         if len(parts) == 3 and parts[0] == "sessions" and parts[2] == "close":
@@ -301,6 +306,12 @@ class AdminApi:
         return {"moving": len(chosen), "too_young": short,
                 "from": {backend.name: n for backend, n in moves.items()},
                 "rebalance_closes": self.balancer.rebalance_closes}
+
+    def reload(self, data, query):
+        changes, refusal = reload.reload_and_log(self.balancer)
+        if refusal is not None:
+            raise ApiError(Status.CONFLICT, f"reload refused; still running the previous config: {refusal}")
+        return {"reloaded": self.balancer.settings.path, "changes": changes.describe(), **changes._asdict()}
 
     def list_sessions(self, data, query):
         backend = None

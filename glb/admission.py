@@ -27,33 +27,35 @@ import os
 import resource
 import socket
 
+from gevent.monkey import get_original
+
 from glb.connection import CONTROL
 from glb.errors import CloseCode, Status
 from glb.handshake import Rejection
-from glb.limits import ConnectionLimits, HandshakeRate, client_key, origin_allowed
+from glb.limits import (TOO_MANY, TOO_MANY_FROM_IP, ConnectionLimits, HandshakeRate, client_key,
+                        origin_allowed)
 from glb.own_sessions import OwnSession
 
 log = logging.getLogger("glb.admission")
 
 FD_RESERVE = 64  # descriptors kept out of the derived max_connections: logs, listeners, DNS, backends
 REFUSAL_WAIT = 1.0  # seconds a refused connection gets to send its request head before the 503
-TOO_MANY_REQUESTS = "429 Too Many Requests"  # (glb's Status has no 429)
 OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+# The spare descriptor must be free before the next accept: gevent's patched os.close may
+# defer the close to the hub, so the stdlib's is used for it.
+_close_now = get_original("os", "close")
+REFUSAL_LABELS = {TOO_MANY: "max_connections", TOO_MANY_FROM_IP: "max_connections_per_ip"}
 
 
 def raise_fd_limit():
     """Raise the soft RLIMIT_NOFILE to the hard limit; returns the soft limit now in force."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or soft == resource.RLIM_INFINITY:
-        wanted = hard if soft != resource.RLIM_INFINITY else soft
-    else:
-        wanted = hard
-    if wanted != soft:
+    if soft != hard:
         try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
-            soft = wanted
-        except (ValueError, OSError) as exc:
-            log.warning("! could not raise the file descriptor limit from %s to %s: %s", soft, wanted, exc)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as exc:  # an unlimited hard limit may be more than the kernel allows
+            log.warning("! could not raise the file descriptor limit from %s to %s: %s", soft, hard, exc)
     return soft
 
 
@@ -88,7 +90,7 @@ class Admission:
 
     def stop(self):
         if self._reserve is not None:
-            os.close(self._reserve)
+            _close_now(self._reserve)
             self._reserve = None
 
     def guard(self, server):
@@ -111,11 +113,8 @@ class Admission:
             if reason is None:
                 self._counted[sock] = ip
                 return handle(sock, address)
-            self.balancer.report_error(None, f"connection from {ip} refused: {reason}")
-            if tls:
-                sock.close()
-            else:
-                self.balancer.sessions.spawn(_answer_503, sock, reason)
+            # Out of the hub (handlers run on the error event), bounded by REFUSAL_WAIT.
+            self.balancer.sessions.spawn(self._refuse, sock, ip, reason, tls)
 
         def do_close(sock, *args):
             ip = self._counted.pop(sock, None)
@@ -125,17 +124,26 @@ class Admission:
 
         server.do_read, server.do_handle, server.do_close = do_read, do_handle, do_close
 
+    def _refuse(self, sock, ip, reason, tls):
+        self.balancer.stats.connection_refused(REFUSAL_LABELS[reason])
+        self.balancer.report_error(None, f"connection from {ip} refused: {reason}")
+        if tls:  # no plaintext answer before a TLS handshake
+            sock.close()
+        else:
+            _answer_503(sock, reason)
+
     def _shed(self, server, exc):
         """Out of descriptors: accept one pending connection on the spare one and close it."""
-        self.balancer.report_error(None, f"out of file descriptors ({exc.strerror}); "
-                                         "closing a new connection at once")
+        self.balancer.stats.connection_refused("out_of_descriptors")
+        self.balancer.sessions.spawn(self.balancer.report_error, None, f"out of file descriptors "
+                                     f"({exc.strerror}); a new connection was closed at once")
         if self._reserve is None:
             return
-        os.close(self._reserve)
+        _close_now(self._reserve)
         self._reserve = None
         try:
             fd, _ = server.socket._accept()
-            os.close(fd)
+            _close_now(fd)
         except OSError:
             pass
         finally:
@@ -169,7 +177,8 @@ class Admission:
             self.balancer.report_error(conn, "handshake_rate_per_ip exceeded")
             if conn.kind == CONTROL:
                 return OverRate
-            return Rejection(TOO_MANY_REQUESTS, "too many handshakes; slow down", [("Retry-After", "1")])
+            return Rejection(Status.TOO_MANY_REQUESTS, "too many handshakes; slow down",
+                             [("Retry-After", "1")])
         return None
 
 

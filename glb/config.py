@@ -18,6 +18,7 @@ Regenerate the README block after changing a declaration::
 """
 import configparser
 import difflib
+import importlib
 import ipaddress
 import math
 import os
@@ -431,6 +432,15 @@ SETTINGS = (
             "Other backends tried for a new session when the chosen one cannot be reached."),
     Setting("glb", "shutdown_timeout", Seconds(), "10",
             "On SIGINT or SIGTERM, how long open sessions get to close before they are cut."),
+    Setting("glb", "upgrade_timeout", Seconds(positive=True), "30",
+            "On SIGUSR2, how long the new glb gets to start and say it is ready before it is stopped "
+            "and the running one carries on."),
+    Setting("glb", "drain_timeout", Seconds(), "60",
+            "After handing over to a new glb (SIGUSR2), how long the old one keeps relaying its open "
+            "sessions before closing them with 1001."),
+    Setting("glb", "drain_spread", Seconds(), "10",
+            "Those 1001 closes are spread at random over this many seconds, so clients do not "
+            "reconnect all at once (0 = all together)."),
     Setting("glb", "max_connections", Int(min=0), "0",
             "Most open connections (HTTP and WebSocket, control channels included); a new one beyond "
             "it gets 503 and an `error` event. 0 = half the file descriptor limit (raised to the hard "
@@ -471,6 +481,9 @@ SETTINGS = (
     Setting("backends", "max_bindings", Int(min=1), "16",
             "Most bindings one backend may register; one more closes its channel with 1008 (a backend "
             "has a few listeners; thousands is a bug to see at once)."),
+    Setting("backends", "max_outbox_bytes", Int(min=65536), "33554432",
+            "Bytes of broadcast envelopes queued for one control channel; a backend that falls further "
+            "behind is closed with 1008 \"slow consumer\" (one envelope of any size fits an empty queue)."),
     Setting("backends", "verify", Bool(), "true",
             "Verify the TLS certificates of wss:// and https:// backends."),
     Setting("backends", "cafile", FilePath(), "",
@@ -799,6 +812,10 @@ def _build(parser, file, base_dir, path):
             sections[section] = _parse_section(section, DECLARED[section], raw, file, base_dir)
             continue
         kind, colon, name = section.partition(":")
+        if "." in section and not colon:  # a handler module's own settings
+            declared = _declared_by_module(section, parser, file)
+            sections[section] = _parse_section(section, declared, raw, file, base_dir)
+            continue
         if not (colon and kind + ":NAME" == PATTERN):
             raise ConfigError(_unknown_section(section), file, section)
         name = name.strip()
@@ -825,6 +842,53 @@ def _build(parser, file, base_dir, path):
     for section, key, reason in cross_checks(settings):
         raise ConfigError(reason, file, section, key)
     return settings
+
+
+def module_settings(module):
+    """The settings a handler module outside glb declares in its ``SETTINGS`` tuple, by key.
+
+    Each row is a ``Setting`` whose section is the module's own name. ValueError when malformed.
+    """
+    declared = {}
+    for setting in getattr(module, "SETTINGS", ()):
+        if not (isinstance(setting, Setting) and setting.section == module.__name__
+                and setting.key.isidentifier() and setting.key not in declared):
+            raise ValueError(f"SETTINGS must hold Setting({module.__name__!r}, key, type, default, doc) rows "
+                             f"with distinct keys; got {setting!r}")
+        declared[setting.key] = setting
+    return declared
+
+
+def module_defaults(module):
+    """A handler module's declared settings at their defaults, as a Section (None if it declares none)."""
+    declared = module_settings(module)
+    if not declared:
+        return None
+    return Section(module.__name__, _parse_section(module.__name__, declared, {}, "<defaults>", os.getcwd()))
+
+
+def _declared_by_module(section, parser, file):
+    """The declarations for ``[section]``, a handler module's name: listed, importable, declaring SETTINGS."""
+    modules_setting = DECLARED["handlers"]["modules"]
+    text = parser.get("handlers", "modules", fallback=modules_setting.default)
+    try:
+        listed = modules_setting.type.parse(text.strip(), "")
+    except ValueError:
+        listed = ()  # [handlers] modules itself is reported when it is parsed
+    if section not in listed:
+        raise ConfigError(f"settings of handler module {section}, which [handlers] modules does not list", file, section)
+    try:
+        module = importlib.import_module(section)
+    except Exception as exc:
+        raise ConfigError(f"handler module {section} cannot be imported: {type(exc).__name__}: {exc}",
+                          file, "handlers", "modules") from None
+    try:
+        declared = module_settings(module)
+    except ValueError as exc:
+        raise ConfigError(str(exc), file, section) from None
+    if not declared:
+        raise ConfigError(f"handler module {section} declares no settings (no SETTINGS in it)", file, section)
+    return declared
 
 
 def _parse_section(section, declared, raw, file, base_dir):

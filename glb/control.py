@@ -22,6 +22,9 @@ What a channel may send and what glb does with it::
     bad server data / binding, duplicate    close 1008 + error     close 1008 + error
     guid, record out of order
     malformed client record                 close 1008 + error     error, channel stays up
+    a binding beyond max_bindings           close 1008 + error     close 1008 + error
+    a new client beyond                     close 1008 + error     dropped; one error per channel
+    max_clients_reported
     "{..." that is no known record          close 1008 + error     error, dropped
     anything else (text or binary)          close 1008 + error     broadcast envelope: parsed
                                                                    strictly, then message / binary
@@ -29,6 +32,9 @@ What a channel may send and what glb does with it::
                                                                    relayed unchanged to every ready
                                                                    backend (glb.broadcast);
                                                                    malformed: error, dropped
+
+The channel leaves the pool the moment it starts closing, whoever closes it
+(``WebSocket.on_closing``), so its guid may register again at once.
 
 The binding endpoint (``GET /sgc@lb@client@get@binding`` and ``<prefix>binding``)
 answers with one ready backend's first binding, chosen by the balancing policy,
@@ -187,6 +193,9 @@ class ControlSession(OwnSession):
     def run(self):
         ws = self.conn.websocket
         ws.send_timeout = self.balancer.settings.glb.send_timeout  # a backend that reads nothing is dropped
+        # Out of the pool as soon as the channel starts closing (1009, slow consumer, ...), not
+        # when the peer finally lets go of TCP: its guid may register again at once.
+        ws.on_closing = self._leave
         bus = self.bus
         self.outbox = broadcast.Outbox(self.balancer, self.conn).start()
         try:

@@ -48,6 +48,7 @@ def build_parser():
     _close_options(close)
     close.add_argument("--spread", type=float, default=0.0, help="within this many seconds (default 0)")
     commands.add_parser("rebalance", help="move sessions off backends above their share, now")
+    commands.add_parser("reload", help="read the config file again and apply it, as SIGHUP does")
     sessions = commands.add_parser("sessions", help="list client sessions, oldest first")
     sessions.add_argument("--backend", help="only this backend's")
     sessions.add_argument("--offset", type=int, default=0)
@@ -82,6 +83,8 @@ def request_for(args):
                                                   "spread": args.spread}
     if command == "rebalance":
         return "POST", "rebalance", None
+    if command == "reload":
+        return "POST", "reload", None
     if command == "sessions":
         query = {"offset": args.offset, "limit": args.limit}
         if args.backend:
@@ -109,6 +112,8 @@ def render(command, answer):
         moves = ", ".join(f"{name} {n}" for name, n in answer["from"].items()) or "nothing to move"
         return [f"moving {answer['moving']} session(s): {moves}"
                 + (f" ({answer['too_young']} more once old enough)" if answer["too_young"] else "")]
+    if command == "reload":
+        return [f"reloaded {answer['reloaded']}: {answer['changes']}"]
     if "state" in answer:
         closing = f", closing {answer['closing']} session(s)" if answer.get("closing") else ""
         return [f"{answer['name']}: {answer['state']}, {answer['health']}, weight {answer['weight']}, "

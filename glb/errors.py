@@ -60,6 +60,7 @@ class Status:
     PAYLOAD_TOO_LARGE = "413 Content Too Large"
     UNSUPPORTED_MEDIA_TYPE = "415 Unsupported Media Type"
     UPGRADE_REQUIRED = "426 Upgrade Required"
+    TOO_MANY_REQUESTS = "429 Too Many Requests"
     INTERNAL_ERROR = "500 Internal Server Error"
     BAD_GATEWAY = "502 Bad Gateway"
     SERVICE_UNAVAILABLE = "503 Service Unavailable"

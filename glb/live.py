@@ -24,7 +24,7 @@ import gevent
 from gevent.pool import Group
 
 from glb import __version__
-from glb.errors import CloseCode, ConnectionClosed, Status
+from glb.errors import ConnectionClosed, Status
 from glb.own_sessions import OwnSession
 from glb.registry import READY, UP
 from glb.stats import backend_figures
@@ -136,7 +136,8 @@ class LiveFeed:
                 "reported_clients": len(backend.reported_clients) if backend else 0,
                 "rates": rates,
                 "figures": current.as_dict() if current else None,
-                "last_error": totals.last_error if totals else "",
+                "last_error": (backend and backend.health != UP and f"down: {backend.down_reason}")
+                or (totals.last_error if totals else ""),
             }
         by_kind = {"client": 0, "control": 0, "own": 0}
         for conn in list(balancer.connections.values()):
@@ -200,6 +201,3 @@ class LiveSession(OwnSession):
 
     def send(self, message):
         return False  # glb's own messages (write_data) do not go to status pages
-
-    def close(self, code=CloseCode.GOING_AWAY, reason="going away"):
-        self.conn.websocket.close(code, reason)

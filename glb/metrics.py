@@ -41,10 +41,13 @@ METRICS = (
     Metric("glb_connections", "gauge", ("kind",),
            "Open WebSockets accepted by glb: client sessions, control channels, own sessions."),
     Metric("glb_connections_total", "counter", ("kind",), "WebSockets accepted by glb since it started."),
+    Metric("glb_connections_refused_total", "counter", ("limit",),
+           "TCP connections refused at accept (503 or closed), by the limit reached: max_connections, "
+           "max_connections_per_ip, out_of_descriptors."),
     Metric("glb_backend_up", "gauge", ("backend",),
-           "1 when the backend is ready for new sessions (ready and healthy), else 0."),
+           "1 when the backend takes new sessions (ready and passing its health checks), else 0."),
     Metric("glb_backend_healthy", "gauge", ("backend",),
-           "1 unless health checks, failed connects or a missed heartbeat took the backend out."),
+           "1 while the backend passes its health checks (or has none), 0 while it is down."),
     Metric("glb_backend_state", "gauge", ("backend", "state"),
            "1 for the backend's current state (connecting, ready, draining, gone), 0 for the others."),
     Metric("glb_backend_sessions", "gauge", ("backend",), "Sessions glb relays to the backend now."),
@@ -117,11 +120,12 @@ class BalancerCollector:
         for kind in KINDS:
             f["glb_connections"].add_metric([kind], open_by_kind[kind])
             f["glb_connections_total"].add_metric([kind], stats.connections_total.get(kind, 0))
+        for limit, count in sorted(stats.connections_refused.items()):
+            f["glb_connections_refused_total"].add_metric([limit], count)
         for backend in balancer.registry.all():
             name = backend.name
-            healthy = backend.health == UP
-            f["glb_backend_up"].add_metric([name], 1 if backend.state == READY and healthy else 0)
-            f["glb_backend_healthy"].add_metric([name], 1 if healthy else 0)
+            f["glb_backend_up"].add_metric([name], 1 if backend.state == READY and backend.health == UP else 0)
+            f["glb_backend_healthy"].add_metric([name], 1 if backend.health == UP else 0)
             for state in STATES:
                 f["glb_backend_state"].add_metric([name, state], 1 if backend.state == state else 0)
             f["glb_backend_sessions"].add_metric([name], backend.relayed)

@@ -121,9 +121,16 @@ class Rebalancer:
         self.idle.set()
         self._loop = None
         self.running = False  # a pass is closing sessions
+        self._watching = False
         if self.automatic:
-            bus = balancer.bus
-            bus.add_handler("server_ready", lambda event: self.trigger(), origin="glb.rebalance")
+            self.watch_pool()
+
+    def watch_pool(self):
+        """Look at the pool whenever a backend becomes ready (connected once, when first automatic)."""
+        if not self._watching:
+            self._watching = True
+            self.balancer.bus.add_handler("server_ready", lambda event: self.pool_changed(),
+                                          origin="glb.rebalance")
 
     def start(self):
         self._loop = gevent.spawn(self._run_forever)

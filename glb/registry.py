@@ -114,7 +114,8 @@ class Backend:
 
     __slots__ = ("guid", "bindings", "weight", "max_clients", "http", "tags", "state",
                  "reported_clients", "relayed", "static", "peer", "name", "health", "down_reason",
-                 "down_until", "failures", "max_fails", "fail_timeout", "slow_start", "ramp_start")
+                 "down_until", "failures", "max_fails", "fail_timeout", "slow_start", "ramp_start",
+                 "retiring")
 
     def __init__(self, guid, weight=1, max_clients=0, http=None, tags=(), static=False,
                  peer=None, name=None, state=CONNECTING, max_fails=0, fail_timeout=10.0,
@@ -131,6 +132,7 @@ class Backend:
         self.static = static
         self.peer = peer
         self.name = name or guid
+        self.retiring = False  # draining until its last session ends, then removed
         self.health = UP
         self.down_reason = None  # why it is down
         self.down_until = None   # monotonic end of a passive ejection (None: until checks pass)
@@ -427,6 +429,45 @@ class Registry:
         self._discard(backend)
         return backend
 
+    def update_static(self, name, url, http=None, weight=1, max_clients=0, max_fails=None,
+                      fail_timeout=None, slow_start=None):
+        """A static backend's config changed (or it came back while retiring).
+
+        A new ``url`` is a new backend: the old one leaves the pool (its open sessions
+        continue) and the new one is ready at once. Other values change in place; its
+        health and client counts stay.
+        """
+        backend = self._backends.get(name)
+        if backend is None or not backend.static:
+            raise RegistryError(f"no static backend {name!r}")
+        binding = binding_from_url(url)
+        if backend.bindings != [binding]:
+            self._discard(backend)
+            return self.add_static(name, url, http=http, weight=weight, max_clients=max_clients,
+                                   max_fails=max_fails, fail_timeout=fail_timeout, slow_start=slow_start)
+        backend.http, backend.weight, backend.max_clients = http, weight, max_clients
+        for key, value in (("max_fails", max_fails), ("fail_timeout", fail_timeout),
+                           ("slow_start", slow_start)):
+            if value is not None:
+                setattr(backend, key, value)
+        if backend.state == DRAINING and backend.retiring:
+            backend.retiring = False
+            self._move(backend, READY)
+        self._changed()
+        return backend
+
+    def retire(self, guid):
+        """No new clients for this backend; it leaves the pool when its last relayed session ends."""
+        backend = self._backends.get(guid)
+        if backend is None:
+            raise RegistryError(f"no backend {guid!r}")
+        backend.retiring = True
+        if backend.relayed == 0:
+            self._discard(backend)
+        elif backend.state != DRAINING:
+            self._move(backend, DRAINING)
+        return backend
+
     def drain(self, guid):
         """No new clients for this backend; its sessions continue."""
         return self._set_state(guid, DRAINING)
@@ -514,7 +555,9 @@ class Registry:
         """A session relayed to ``backend`` has ended."""
         was_full = backend.full
         backend.relayed = max(0, backend.relayed - 1)
-        if backend.full != was_full:
+        if backend.retiring and not backend.relayed:
+            self._discard(backend)
+        elif backend.full != was_full:
             self._changed()
 
 

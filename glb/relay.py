@@ -257,14 +257,17 @@ class ClientSession:
                       code=code, reason=reason, closed_by=closed_by)
 
     def figures(self):
-        """Messages and bytes relayed each way so far, frame headers included (read, never stored)."""
+        """Messages and bytes relayed each way so far, frame headers included (read, never stored).
+
+        A raw direction is counted by its scanner, a decoded one on its source leg; both are added.
+        """
         client, server = self.client, self.server
+        if client is None:  # not relaying yet
+            return Figures()
         up, down = self.scanners.get("backend"), self.scanners.get("client")
-        return Figures(
-            client.messages + (up.messages if up else 0) if client else 0,
-            client.bytes + (up.bytes_seen if up else 0) if client else 0,
-            server.messages + (down.messages if down else 0),
-            server.bytes + (down.bytes_seen if down else 0))
+        return Figures(client.messages + (up.messages if up else 0), client.bytes + (up.bytes_seen if up else 0),
+                       server.messages + (down.messages if down else 0),
+                       server.bytes + (down.bytes_seen if down else 0))
 
     @property
     def close_status(self):

@@ -17,8 +17,8 @@ from gevent.pool import Group
 from gevent.pywsgi import WSGIHandler, WSGIServer
 from geventwebsocket.handler import WebSocketHandler
 
-from glb import broadcast  # Balancer.broadcast / write_data / ping delegate to it
-from glb import handshake, tls
+from glb import broadcast  # Balancer.broadcast / write_data / write_backend_client / ping delegate to it
+from glb import handshake, reload, tls
 from glb.admin import AdminApi
 from glb.admission import Admission
 from glb.balancing import PickRequest, make_policy
@@ -26,7 +26,7 @@ from glb.control import SGC_BINDING_PATH, SGC_CONTROL_PATH, BindingEndpoint, Con
 from glb.connection import CLIENT, Connection, headers_from_environ
 from glb.errors import CloseCode, Status
 from glb.events import EventBus
-from glb.handlers import load_handlers
+from glb.handlers import load_handler_receivers
 from glb.health import HealthMonitor
 from glb.http_proxy import HttpProxy
 from glb.own_sessions import EchoSession
@@ -74,7 +74,8 @@ class Balancer:
         self.stats = Stats()  # plain counters; glb.metrics and the status page read them
         self.bus = EventBus()
         modules = settings.handlers.modules if handler_modules is None else handler_modules
-        for warning in load_handlers(modules, self.bus, settings):
+        self.handler_receivers, warnings = load_handler_receivers(modules, self.bus, settings)
+        for warning in warnings:
             log.warning("%s", warning)
         backends = settings.backends
         self.registry = Registry(backends.max_clients_reported, backends.max_bindings,
@@ -93,6 +94,7 @@ class Balancer:
         self.servers = []
         self.stopping = False
         self.control_channels = {}  # guid -> ControlSession whose server data was accepted
+        self.reload_hooks = []  # f(old_settings, new_settings), called once a reload is applied (glb.reload)
         self.ws_routes = {
             self.prefix + "echo": EchoSession,
             self.prefix + "control": ControlSession,
@@ -118,11 +120,13 @@ class Balancer:
 
     # -- listeners ---------------------------------------------------------
 
-    def start(self):
+    def start(self, inherited=None):
         """Bind every listener and start accepting; returns the plain (host, port) list.
 
         TLS listeners (``tls_addresses``) get their contexts first, so a bad
         certificate or a failing TLS handler binds nothing (see glb.tls).
+        ``inherited`` (glb.listeners) holds listening sockets passed by the
+        previous glb or systemd: a listener uses its socket instead of binding.
         """
         settings = self.settings
         file = settings.path or "<dict>"
@@ -133,37 +137,50 @@ class Balancer:
         if not settings.backends.verify:
             log.warning("= [backends] verify = false: certificates of wss:// and https:// backends are not checked")
         self.admission.start()
-        for host, port in settings.glb.listen:
-            server = WSGIServer((host, port), self.wsgi_app, handler_class=UpgradeHandler,
-                                log=None, error_log=_PywsgiErrorLog())
-            server.balancer = self
-            server.read_timeout = settings.glb.handshake_timeout
-            self.admission.guard(server)
-            server.start()
-            self.servers.append(server)
-            log.info("= listening on http://%s", _format_address(server.address))
-        for (host, port), context in contexts:
-            server = tls.TLSServer((host, port), self.wsgi_app, context,
-                                   handshake_timeout=settings.glb.handshake_timeout,
-                                   handler_class=UpgradeHandler, log=None, error_log=_PywsgiErrorLog())
-            server.balancer = self
-            server.read_timeout = settings.glb.handshake_timeout
-            self.admission.guard(server)
-            server.start()
-            self.servers.append(server)
-            log.info("= listening on https://%s", _format_address(server.address))
+        take = inherited.take if inherited is not None else (lambda scheme, address: None)
+        for address in settings.glb.listen:
+            self.start_listener(self.make_listener("http", address, sock=take("http", address)))
+        for address, context in contexts:
+            self.start_listener(self.make_listener("https", address, context, sock=take("https", address)))
+        if inherited is not None:
+            inherited.close_rest()
         self._sweeper = gevent.spawn(self._sweep_forever)
         self.health.start()
         self.rebalancer.start()
         return self.addresses
 
+    def make_listener(self, scheme, address, context=None, sock=None):
+        """A server for one configured listener, not yet accepting; ``sock``: an inherited listening socket."""
+        glb = self.settings.glb
+        listener = sock if sock is not None else address
+        if scheme == "https":
+            server = tls.TLSServer(listener, self.wsgi_app, context, handshake_timeout=glb.handshake_timeout,
+                                   handler_class=UpgradeHandler, log=None, error_log=_PywsgiErrorLog())
+        else:
+            server = WSGIServer(listener, self.wsgi_app, handler_class=UpgradeHandler,
+                                log=None, error_log=_PywsgiErrorLog())
+        server.balancer = self
+        server.read_timeout = glb.handshake_timeout
+        server.scheme, server.configured, server.inherited = scheme, tuple(address), sock is not None
+        self.admission.guard(server)
+        return server
+
+    def start_listener(self, server):
+        """Start accepting on a server from ``make_listener`` (binding it, unless bound already)."""
+        server.start()
+        self.servers.append(server)
+        log.info("= listening on %s://%s%s", server.scheme, _format_address(server.address),
+                 " (inherited)" if server.inherited else "")
+        return server
+
     def _sweep_forever(self):
         """Keep-alive pings, ping timeouts and idle timeouts for every client session, from one greenlet."""
-        glb = self.settings.glb
-        periods = [p for p in (glb.ping_interval, glb.ping_timeout, glb.idle_timeout) if p]
-        tick = max(0.05, min(periods) / 4) if periods else None
-        while tick is not None and not self.stopping:
-            gevent.sleep(tick)
+        while not self.stopping:
+            glb = self.settings.glb  # each round: a reload may change the periods
+            periods = [p for p in (glb.ping_interval, glb.ping_timeout, glb.idle_timeout) if p]
+            gevent.sleep(max(0.05, min(periods) / 4) if periods else 1.0)
+            if not periods:
+                continue
             now = time.monotonic()
             for session in list(self.client_sessions):
                 session.keep_alive(now, glb.ping_interval, glb.ping_timeout, glb.idle_timeout)
@@ -325,8 +342,12 @@ class Balancer:
         return broadcast.broadcast(self, message, channel, protocol, include, exclude)
 
     def write_data(self, connection_id, message):
-        """Send to one connection: glb's own (Connection.id) or a backend's client; 0 = nowhere."""
+        """Send to one of glb's own connections (Connection.id); 1 if written, 0 if not."""
         return broadcast.write_data(self, connection_id, message)
+
+    def write_backend_client(self, client_id, message):
+        """Send to a client a backend reported (its own id), through the backends; how many took it."""
+        return broadcast.write_backend_client(self, client_id, message)
 
     def ping(self):
         """Ping every WebSocket glb accepted, control channels included; how many were pinged."""
@@ -336,6 +357,14 @@ class Balancer:
         """A protocol or I/O error on one of glb's connections: log it and fire ``error``."""
         log.info("! %s %s", conn.id if conn is not None else "-", text)
         self.bus.fire(self.bus.error, connection=conn, error=text)
+
+    def reload(self, path=None):
+        """Check the config at ``path`` (default: the file it came from) and apply it in place.
+
+        Returns what changed (glb.reload.Changes). Raises ConfigError, HandlerLoadError or
+        OSError with the running config untouched.
+        """
+        return reload.reload(self, path or self.settings.path)
 
     def pick_request(self, environ):
         return PickRequest.from_environ(environ)

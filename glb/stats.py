@@ -92,6 +92,7 @@ class Stats:
     def __init__(self):
         self.started = time.time()
         self.connections_total = defaultdict(int)  # kind -> connections accepted
+        self.connections_refused = defaultdict(int)  # limit reached -> TCP connections refused at accept
         self.backends = defaultdict(BackendTotals)  # backend name -> totals of ended sessions
         self.closes = defaultdict(int)  # (code, closed_by) -> client sessions ended so
         self.handshake_rejections = defaultdict(int)  # HTTP status code -> upgrades refused
@@ -104,6 +105,9 @@ class Stats:
 
     def connection_opened(self, kind):
         self.connections_total[kind] += 1
+
+    def connection_refused(self, limit):
+        self.connections_refused[limit] += 1
 
     def session_ended(self, backend_name, figures, code, closed_by, seconds):
         """A client session is over: fold its figures into its backend's totals."""

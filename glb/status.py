@@ -4,6 +4,8 @@ Only peers that may open a control channel (``[backends] allow`` or the bearer
 token) see it: it names backends' internal addresses.
 """
 
+import os
+
 from glb import __version__
 from glb.control import authorize, json_response
 from glb.errors import Status
@@ -43,6 +45,7 @@ def snapshot(balancer):
     candidates = set(id(backend) for backend in balancer.registry.candidates())
     return {
         "version": __version__,
+        "pid": os.getpid(),  # after an upgrade (SIGUSR2), which process answered
         "stopping": balancer.stopping,
         "balancing": balancer.settings.glb.balancing,
         "listeners": [f"http://{host}:{port}" for host, port in balancer.addresses]

@@ -107,7 +107,7 @@ class WebSocket:
     __slots__ = ("_sock", "server_side", "connection", "auto_pong", "send_timeout", "close_timeout",
                  "_mask", "_reader", "_write_lock", "_plain", "_drained", "_turn", "_reading", "_changed",
                  "_close_sent", "_close_received", "_sock_closed", "_closed_by", "_close_code",
-                 "_close_reason", "last_pong")
+                 "_close_reason", "on_closing", "last_pong")
 
     def __init__(self, sock, *, server_side, max_message_size=DEFAULT_MAX_MESSAGE_SIZE,
                  initial=b"", connection=None, auto_pong=True, send_timeout=None,
@@ -134,6 +134,9 @@ class WebSocket:
         self._closed_by = None
         self._close_code = None
         self._close_reason = None
+        # Called once, with no arguments, the moment closing begins (whoever began it), before
+        # any wait for the peer: an owner that must let go of shared state does it here.
+        self.on_closing = None
         self.last_pong = 0.0  # monotonic time the last pong was received (heartbeats read it)
 
     def __repr__(self):
@@ -458,6 +461,8 @@ class WebSocket:
         """Record why the connection ended; the first cause wins."""
         if self._closed_by is None:
             self._closed_by, self._close_code, self._close_reason = by, code, reason
+            if self.on_closing is not None:
+                self.on_closing()
 
     def _notify(self):
         if self._changed is not None:

@@ -70,6 +70,17 @@ def test_text_lines_go_to_the_glb_access_logger(caplog):
     assert " own /glb/echo " in line and "code=1000" in line
 
 
+def test_a_control_channel_line_names_its_backend(caplog):
+    from tests.test_control import Recorder, register
+
+    caplog.set_level(logging.INFO, logger="glb.access")
+    with running_glb(handlers={"modules": ACCESS_LOG}) as glb:
+        channel = register(glb, "b1", 9001, Recorder(glb, "server_ready"))
+        channel.close(1000, "bye")
+        line = wait_for(lambda: next((r.getMessage() for r in caplog.records if r.name == "glb.access"), None))
+    assert " control /glb/control backend=b1 " in line and "code=1000" in line
+
+
 def test_settings_of_an_unlisted_handler_module_stop_start_up():
     with pytest.raises(ConfigError) as error:
         from_dict({"handlers": {"modules": ""}, "glb.handlers.access_log": {"format": "json"}})

@@ -49,6 +49,7 @@ EVERY_CALL = [
     ("POST", "backends/blue/weight", {"weight": 5}),
     ("POST", "backends/blue/close", {"code": 1012}),
     ("POST", "rebalance", None),
+    ("POST", "reload", None),
     ("GET", "sessions?backend=blue", None),
     ("POST", "sessions/c1/close", None),
 ]

@@ -546,3 +546,23 @@ def test_bindings_beyond_max_bindings_close_the_channel_with_1008():
         code, reason = closed_with(ws)
         assert code == CloseCode.POLICY_VIOLATION and "max_bindings" in reason
         assert glb.registry.get("b1") is None
+
+
+def test_a_channel_glb_closes_leaves_the_pool_at_once_so_its_guid_can_register_again():
+    with wired_glb(glb={"max_message_size": "1024"}) as glb:
+        seen = Recorder(glb, "server_ready")
+        old = register(glb, "b1", 9001, seen)
+        old.send("x" * 2048)  # over max_message_size: glb closes with 1009
+        # Read glb's close frame off the socket without answering it or closing TCP (a backend
+        # that is slow to let go): glb now waits for our EOF before it closes its side.
+        head = old.sock.recv(4)
+        assert head[0] == 0x88 and int.from_bytes(head[2:4], "big") == CloseCode.MESSAGE_TOO_BIG
+        again = open_channel(glb)
+        again.send(records.encode_server_data("b1"))
+        again.send(records.encode_binding("127.0.0.1", 9002))
+        again.send(records.READY)
+        ready = seen.wait("server_ready", count=2)[1]
+        assert ready.backend.guid == "b1" and ready.backend.bindings[0].port == 9002
+        assert not again.closed
+        again.close()
+        old.sock.close()

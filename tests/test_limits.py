@@ -149,6 +149,13 @@ def test_max_connections_counts_plain_http_keep_alive_connections_too():
         status, third = upgrade(address)
         assert status == 503
         third.close()
+        second.sendall(b"GET /glb/metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        scraped = b""
+        while b'glb_connections_refused_total{limit="max_connections"}' not in scraped:
+            data = second.recv(65536)
+            assert data, "metrics ended without the refusal counter"
+            scraped += data
+        assert b'glb_connections_refused_total{limit="max_connections"} 1.0' in scraped
         first.close()
         wait_until(lambda: glb.admission.limits.total < 2)
         status, fourth = upgrade(address)
@@ -215,3 +222,56 @@ def test_the_file_descriptor_limit_is_raised_and_logged(caplog):
         assert any("file descriptors" in record.getMessage() for record in caplog.records)
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_out_of_descriptors_a_new_connection_is_closed_at_once_and_glb_recovers(tmp_path):
+    """A glb process limited to 40 descriptors, with 40 connections pending: the ones it cannot
+    take are accepted on its spare descriptor and closed, instead of waiting in the backlog."""
+    import select
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = tmp_path / "lb.ini"
+    config.write_text(f"[glb]\nlisten = 127.0.0.1:{port}\nmax_connections = 10000\nhandshake_timeout = 60\n"
+                      "[handlers]\nmodules =\n")
+    glb = subprocess.Popen([sys.executable, "-m", "glb", str(config)], stderr=subprocess.PIPE, text=True,
+                           preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (40, 40)))
+    socks = []
+    try:
+        deadline = time.monotonic() + 20
+        while True:  # until it listens
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert glb.poll() is None and time.monotonic() < deadline, "glb did not start"
+                time.sleep(0.05)
+        socks = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(40)]
+        ended = set()
+        while not ended and time.monotonic() < deadline:  # nobody sent a request: only a shed ends
+            readable, _, _ = select.select(socks, [], [], 0.2)
+            ended = {s for s in readable if s.recv(16) == b""}
+        assert ended, "no connection was closed while glb was out of descriptors"
+        for sock in socks:
+            sock.close()
+        socks = []
+        while True:  # its descriptors come back: glb serves again
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+                    sock.sendall(b"GET /glb/status HTTP/1.1\r\nHost: x\r\n\r\n")
+                    if sock.recv(16).startswith(b"HTTP/1.1 200"):
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "glb did not recover"
+            time.sleep(0.05)
+    finally:
+        for sock in socks:
+            sock.close()
+        glb.terminate()
+        output = glb.communicate(timeout=10)[1]
+    assert "out of file descriptors" in output

@@ -35,13 +35,12 @@ def test_feed_sends_hello_then_deltas_every_second():
         for _ in range(5):
             client.send("hi")
             assert client.recv() == "hi"
-        tick = json.loads(live.recv())
-        for _ in range(5):  # bounded: the tick that saw the session (normally the first)
-            if tick["totals"]["connections"]["client"] == 1:
-                break
+        for _ in range(5):  # bounded: the first tick sampled after the five messages (normally the first)
             tick = json.loads(live.recv())
+            row = tick["backends"].get("one")
+            if row and row["figures"]["messages_to_backend"] == 5:
+                break
         assert tick["type"] == "tick" and tick["totals"]["connections"]["client"] == 1
-        row = tick["backends"]["one"]
         assert row["sessions"] == 1 and row["figures"]["messages_to_backend"] == 5
         assert row["rates"]["messages_to_backend"] > 0
         assert tick["point"][1] == 1  # [time, client sessions, messages/s] for the chart

@@ -1,5 +1,6 @@
 """GET /glb/metrics: what real clients did through a real glb, counted exactly, in both relay modes."""
 
+import os
 import time
 import urllib.error
 import urllib.request
@@ -8,6 +9,7 @@ import gevent
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from glb.metrics import METRICS, render_names
 from glb.stats import Histogram
 from tests.backends import ScriptedBackend, started
 from tests.support import RawClient, base_url, running_glb, ws_connect
@@ -108,20 +110,24 @@ def test_closes_by_backend_and_by_glb_are_counted_apart():
 
 def test_backends_and_failures_are_exposed():
     backend = ScriptedBackend()
-    with started(backend), running_glb(glb={"backend_retries": 0}, **{
+    with started(backend), running_glb(glb={"backend_retries": 0, "balancing": "round_robin"},
+                                       backends={"max_fails": 1}, **{
             "backend:up": backend.static_section(),
             "backend:down": {"url": "ws://127.0.0.1:9", "weight": 3}}) as glb:
         statuses = []
-        for _ in range(4):  # least connections alternates; "down" refuses TCP, so that client gets 502
+        for _ in range(4):  # round robin: "down" is picked within two; it refuses TCP, so that client gets 502
             client = RawClient(glb.addresses[0], path="/app")
             statuses.append(client.status)
             client.close()
-        assert 502 in statuses and 101 in statuses
+        assert statuses.count(502) == 1  # then passive health checks took "down" out of the pool
         samples = scrape(glb)
         assert value(samples, "glb_backend_up", backend="up") == 1
         assert value(samples, "glb_backend_state", backend="up", state="ready") == 1
         assert value(samples, "glb_backend_state", backend="up", state="draining") == 0
         assert value(samples, "glb_backend_weight", backend="down") == 3
+        assert value(samples, "glb_backend_healthy", backend="down") == value(samples, "glb_backend_up",
+                                                                              backend="down") == 0
+        assert value(samples, "glb_backend_healthy", backend="up") == 1
         failures = value(samples, "glb_backend_connect_failures_total", backend="down")
         refused = value(samples, "glb_handshake_rejections_total", status="502")
         assert failures == refused == statuses.count(502)
@@ -139,6 +145,35 @@ def test_handshake_rejections_and_http_requests_by_status():
         assert value(samples, "glb_http_requests_total", backend="-", code="503") == 1
         assert value(samples, "glb_http_request_duration_seconds_count") == 1
         assert value(samples, "process_open_fds") > 0
+
+
+def test_connections_refused_by_a_limit_are_counted():
+    with running_glb(glb={"max_connections_per_ip": "1"}) as glb:
+        ws = ws_connect(base_url(glb) + "/glb/echo")
+        assert RawClient(glb.addresses[0], path="/glb/echo").status == 503
+        ws.close()
+        samples = wait_for(lambda: (s := scrape(glb)) and value(s, "glb_connections", kind="own") == 0 and s)
+        assert value(samples, "glb_connections_refused_total", limit="max_connections_per_ip") == 1
+
+
+def test_broadcast_envelopes_are_counted():
+    from glb import control_records as records
+    from tests.test_control import Recorder, received, register
+
+    with running_glb() as glb:
+        seen = Recorder(glb, "server_ready")
+        sender, other = register(glb, "sender", 9001, seen), register(glb, "other", 9002, seen)
+        envelope = records.encode_text_envelope("hello all")
+        sender.send(envelope)
+        assert received(other) == envelope and received(sender) == envelope
+        glb.broadcast("from glb")
+        assert received(other) == received(sender)
+        samples = scrape(glb)
+        assert value(samples, "glb_broadcast_envelopes_total") == 2
+        assert value(samples, "glb_broadcast_dropped_total") == 0
+        assert value(samples, "glb_connections", kind="control") == 2
+        sender.close()
+        other.close()
 
 
 def test_handler_errors_are_counted_by_event():
@@ -165,3 +200,21 @@ def test_histogram_buckets_are_cumulative():
         histogram.observe(seconds)
     assert histogram.cumulative() == [("1.0", 2), ("10.0", 3), ("+Inf", 4)]
     assert histogram.sum == 106.5
+
+
+def test_readme_lists_every_metric():
+    readme = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+    with open(readme, encoding="utf-8") as stream:
+        text = stream.read()
+    block = text[text.index("<!-- metrics:start -->") + len("<!-- metrics:start -->"):text.index("<!-- metrics:end -->")]
+    assert block.strip() == render_names(), "README metric list is stale: paste glb.metrics.render_names()"
+
+
+def test_every_declared_metric_is_exposed():
+    with running_glb() as glb:
+        names = {name for name, _ in scrape(glb)}
+    for metric in METRICS:
+        if metric.type == "histogram":
+            assert metric.name + "_count" in names, metric.name
+        elif not metric.labels or metric.type in ("info",):
+            assert metric.name in names, metric.name

@@ -8,7 +8,7 @@ who closed (``client``, ``backend`` or ``glb``). Settings: the
 Text lines (fields separated by spaces; values with spaces are quoted)::
 
     c7 127.0.0.1:50312 client /chat?room=1 backend=one 12.503s up=25/1150B down=25/1050B code=1000 closed_by=client reason="bye"
-    c2 127.0.0.1:50300 control /glb/control 30.112s code=1000 reason=""
+    c2 127.0.0.1:50300 control /glb/control backend=b1 30.112s code=1000 reason=""
     127.0.0.1 GET /page?x=1 -> 200 backend=one 5120B 0.004s
 
 JSON lines have the same fields, named in full (``type`` is ``session`` or ``http``).
@@ -42,8 +42,10 @@ class AccessLog:
                           figures)
 
     def on_disconnect(self, event):
-        if event.connection.kind != "client":  # client sessions have their line from client_disconnect
-            self.session_line(event.connection, None, event.code, event.reason, None, None)
+        conn = event.connection
+        if conn.kind != "client":  # client sessions have their line from client_disconnect
+            backend = getattr(conn.session, "backend", None)  # a control channel's registered backend
+            self.session_line(conn, getattr(backend, "name", None), event.code, event.reason, None, None)
 
     def session_line(self, conn, backend, code, reason, closed_by, figures):
         duration = round(time.monotonic() - conn.started, 3)
