@@ -1,7 +1,9 @@
 """Backend health: rise/fall, passive ejection and slow start without sockets, then end to end."""
 
 import socket
+import time
 
+import gevent
 import pytest
 import requests
 
@@ -242,3 +244,19 @@ def test_refused_handshakes_count_when_the_backend_is_failing_not_when_it_judges
                 client.close()
             assert sorted(statuses) == [101, 101, status, status]
             assert (balancer.registry.get("refusing").health == DOWN) is counted
+
+
+@pytest.mark.timeout(30)
+def test_a_backend_that_answers_heartbeats_stays():
+    with running_glb(backends={"heartbeat_interval": 0.05, "heartbeat_timeout": 0.2}) as balancer:
+        recorder = Recorder(balancer, "server_ready")
+        backend = DemoBackend(lb_urls=[lb_url_for(balancer.addresses[0])], guid="alive")
+        with started(backend):
+            recorder.wait("server_ready")
+            ws = balancer.control_channels["alive"].conn.websocket
+            pongs, deadline = set(), time.monotonic() + 10
+            while len(pongs) < 10 and time.monotonic() < deadline:  # ten answered heartbeats
+                pongs.add(ws.last_pong)
+                gevent.sleep(0.01)
+            assert len(pongs - {0.0}) >= 9
+            assert balancer.health.evictions == 0 and balancer.registry.get("alive").state == "ready"
