@@ -152,7 +152,6 @@ class Plan:
                 balancer.servers.remove(server)
                 log.info("= stopped listening on %s (open sessions continue)", name)
                 continue
-            server.read_timeout = new.glb.handshake_timeout
             if server.scheme == "https":
                 server.context = self.contexts[name]
                 server.handshake_timeout = new.glb.handshake_timeout
