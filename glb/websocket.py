@@ -284,6 +284,20 @@ class WebSocket:
         self._set_closed("local", *close)
         self._write(data, closing=True)
 
+    def send_now(self, data):
+        """Write what the kernel takes of ``data`` at once; the count written. Never waits or switches.
+
+        0 when the socket is busy (another send under way), closing, TLS, or its
+        buffer is full; a failure is left for the next blocking send to report.
+        For the relay engine's fast path, which runs in the hub.
+        """
+        if self._close_sent or self._sock_closed or not self._plain or self._write_lock.locked():
+            return 0
+        try:
+            return self._sock.send(data, 0, 0.0)
+        except OSError:
+            return 0
+
     def send_between(self, data, at_boundary):
         """Write ``data`` only if no send is under way and ``at_boundary()`` holds; True if written.
 
