@@ -27,6 +27,7 @@ this module only carries it out.
 import logging
 import time
 from functools import partial
+from time import monotonic
 
 import gevent
 from greenlet import getcurrent, greenlet
@@ -113,6 +114,7 @@ class RelayEngine:
             return False
         self._on_done = on_done
         for leg in self._directions:
+            leg.os_sock = leg.sock._sock
             watcher = self._watchers[leg] = loop.io(leg.sock.fileno(), 1)
             watcher.start(self._on_readable, leg)
         return True
@@ -131,7 +133,7 @@ class RelayEngine:
             self._waiting.append(src)
             return
         try:
-            data = src.sock._sock.recv(RECV_SIZE)  # the OS socket: never waits, never switches
+            data = src.os_sock.recv(RECV_SIZE)  # under gevent's socket: never waits, never switches
         except BlockingIOError:
             return
         except OSError:
@@ -143,7 +145,7 @@ class RelayEngine:
             if scanner.error is None:
                 notes = scanner.feed(data)
                 if notes is None:
-                    src.last_activity = time.monotonic()
+                    src.last_activity = monotonic()
                     sent = dst.ws.send_now(data)
                     if sent == len(data):
                         dst.wrote()

@@ -294,7 +294,7 @@ class WebSocket:
         if self._close_sent or self._sock_closed or not self._plain or self._write_lock.locked():
             return 0
         try:
-            return self._sock.send(data, 0, 0.0)
+            return self._sock._sock.send(data)  # the OS socket under gevent's: no wait, no switch
         except OSError:
             return 0
 
