@@ -11,22 +11,24 @@ per direction when the session starts:
              client_fragmented: frames are read, events fired, and what is left
              is re-encoded for the other leg.
 
-Where it runs. A plain session with both directions raw parks no greenlet: one
-persistent io watcher per socket calls ``_on_readable`` in the hub, which reads
-the chunk and, in the common case (no close, ping or violation in it, the other
-socket takes it whole), forwards it right there without switching greenlets.
-Anything else (a send that would block, a notable frame, EOF, a linger timer)
-becomes a job for a shared worker greenlet, which may block; while it runs,
-further events for that session wait their turn, so one slow peer holds only
-its own session. A session with a TLS leg or a decoded direction runs each
-direction as a *pump* greenlet (the session greenlet and one more).
+Where it runs: every session the same way, with no greenlet parked while it
+is idle. One persistent io watcher per socket calls ``_on_readable`` in the
+hub. For a raw direction between plain sockets it reads the chunk and, in the
+common case (no close, ping or violation in it, the other socket takes it
+whole), forwards it right there without switching greenlets. Anything else (a
+decoded direction, a TLS leg, a send that would block, a notable frame, EOF,
+a linger timer) becomes a job for a shared worker greenlet, which may block
+and fire handlers; while it runs, further events for that session wait their
+turn, so one slow peer holds only its own session. A decoded direction feeds
+what the job read to the leg's socket-free frame parser (``WebSocket.feed`` /
+``take_frame``); a TLS leg is read until its SSL object holds nothing more
+(``pending()``), since the kernel's readiness cannot show those bytes.
 
 What a close means for each leg is decided by ``glb.closing.ClosingHandshake``;
 this module only carries it out.
 """
 import logging
 import time
-from functools import partial
 from time import monotonic
 
 import gevent
@@ -34,12 +36,13 @@ from greenlet import getcurrent, greenlet
 
 from glb.errors import CloseCode, ConnectionClosed, MessageTooBig
 from glb.frames import OP_CLOSE, OP_CONTINUATION, OP_PING, OP_PONG, OP_TEXT, FrameScanner
-from glb.websocket import is_tls, wait_readable
+from glb.websocket import NEED_MORE, is_tls
 
 log = logging.getLogger("glb.relay")
 
 RECV_SIZE = 65536
 NOT_SCANNED = object()  # a job's chunk the scanner has not seen yet
+START = "start"  # the first job: what was read with the handshakes
 LINGER = "linger"  # timer job: the closing handshake took too long, end both legs
 GIVE_UP = "give up"  # timer job: the legs did not end after that either
 
@@ -49,7 +52,7 @@ class RelayEngine:
 
     __slots__ = ("session", "conn", "bus", "closing", "client", "backend", "close_timeout",
                  "max_message_size", "report_error", "_directions", "_busy", "_waiting", "_watchers",
-                 "_timer", "_on_done", "_pumping")
+                 "_timer", "_on_done", "_initial")
 
     def __init__(self, session, report_error, max_message_size, close_timeout):
         self.session = session
@@ -61,25 +64,36 @@ class RelayEngine:
         self.report_error = report_error
         self.max_message_size = max_message_size
         self.close_timeout = close_timeout
-        self._directions = set()  # watcher mode: the source legs still being read
-        self._busy = False  # a job is running on a worker
+        self._directions = set()  # the source legs still being read
+        self._busy = False  # a job is running (on a worker, or the first one in the session greenlet)
         self._waiting = []  # jobs that came while it ran
         self._watchers = {}  # leg -> its io watcher
-        self._timer = None  # watcher mode: linger / give-up timer; pump mode: the client's cut-off
-        self._on_done = None  # watcher mode: called once when the last direction is done
-        self._pumping = False  # pump mode: the client-to-backend pump is still running
-
-    # -- starting ------------------------------------------------------------
+        self._timer = None  # linger / give-up timer once one direction is done
+        self._on_done = None  # called once, when the last direction is done
+        self._initial = {}  # raw direction -> bytes read with the handshake, for the first job
 
     def run(self, on_done):
-        """Relay until done; True if the session went on io watchers (then ``on_done()`` ends it)."""
-        client, backend = self.client, self.backend
-        up, down = self._raw_initial(client), self._raw_initial(backend)
-        if up is not None and down is not None and not is_tls(client.sock) and not is_tls(backend.sock):
-            return self._run_on_watchers(up, down, on_done)
-        self._run_pumps(self._pump_decoded if up is None else partial(self._pump_raw, data=up),
-                        self._pump_decoded if down is None else partial(self._pump_raw, data=down))
-        return False
+        """Start relaying on io watchers; ``on_done()`` is called once when both directions are done.
+
+        The bytes read with the handshakes are relayed here first, in the caller's greenlet.
+        """
+        self._on_done = on_done
+        loop = gevent.get_hub().loop
+        for src in (self.client, self.backend):
+            src.plain_sock = None if is_tls(src.sock) else src.sock
+            initial = self._raw_initial(src)
+            if initial is None:
+                src.inbound = Decoding(self.bus, from_client=src is self.client)
+            else:
+                self._initial[src] = initial
+                self._scan_into(src.other)
+        for src in (self.client, self.backend):
+            dst = src.other
+            src.fast = src.inbound is None and src.plain_sock is not None and dst.plain_sock is not None
+            self._directions.add(src)
+            self._watchers[src] = loop.io(src.sock.fileno(), 1)
+        self._busy = True
+        self._step(START)
 
     def _raw_initial(self, src):
         """Bytes already read from ``src`` if its direction can run raw; None if it must be decoded."""
@@ -98,61 +112,37 @@ class RelayEngine:
         if dst.out_scanner is None:
             dst.out_scanner = FrameScanner(self.max_message_size, expect_masked=dst.other.sends_masked)
 
-    # -- watcher mode ----------------------------------------------------------
-
-    def _run_on_watchers(self, client_initial, backend_initial, on_done):
-        loop = gevent.get_hub().loop
-        client, backend = self.client, self.backend
-        self._scan_into(backend)
-        self._scan_into(client)
-        self._directions = {client, backend}
-        for src, initial in ((client, client_initial), (backend, backend_initial)):
-            if initial and not self._chunk(src, initial, NOT_SCANNED):
-                self._direction_done(src)
-        if len(self._directions) < 2:
-            self._finish_in_greenlet()
-            return False
-        self._on_done = on_done
-        for leg in self._directions:
-            leg.os_sock = leg.sock._sock
-            watcher = self._watchers[leg] = loop.io(leg.sock.fileno(), 1)
-            watcher.start(self._on_readable, leg)
-        return True
-
-    def _finish_in_greenlet(self):
-        """Rare: a direction ended on the bytes read with the handshake; finish here, bounded."""
-        for src in list(self._directions):
-            with gevent.Timeout(self.close_timeout, False):
-                self._pump_raw(src, src.other, b"")
-        self._directions.clear()
+    # -- events and jobs ----------------------------------------------------------
 
     def _on_readable(self, src):
         """io watcher callback, in the hub: forward the common chunk here, hand the rest to a worker."""
-        if self._busy:
-            self._watchers[src].stop()  # level-triggered: it would fire on every loop turn until then
+        if self._busy:  # the job in progress (as it blocks) stopped the watchers; it reads after
             self._waiting.append(src)
             return
-        try:
-            data = src.os_sock.recv(RECV_SIZE)  # under gevent's socket: never waits, never switches
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        job = (src, data, NOT_SCANNED)
-        if data and src.close_in is None:
-            dst = src.other
-            scanner = dst.out_scanner
-            if scanner.error is None:
-                notes = scanner.feed(data)
-                if notes is None:
-                    src.last_activity = monotonic()
-                    sent = dst.ws.send_now(data)
-                    if sent == len(data):
-                        dst.wrote()
-                        return
-                    job = (src, memoryview(data)[sent:], None)
-                else:
-                    job = (src, data, notes)
+        job = src
+        if src.fast:
+            try:
+                # the OS socket under gevent's: never waits, never switches (EBADF once closed)
+                data = src.plain_sock._sock.recv(RECV_SIZE)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            job = (src, data, NOT_SCANNED)
+            if data and src.close_in is None:
+                dst = src.other
+                scanner = dst.out_scanner
+                if scanner.error is None:
+                    notes = scanner.feed(data)
+                    if notes is None:
+                        src.last_activity = monotonic()
+                        sent = dst.ws.send_now(data)
+                        if sent == len(data):
+                            dst.wrote()
+                            return
+                        job = (src, memoryview(data)[sent:], None)
+                    else:
+                        job = (src, data, notes)
         self._busy = True
         run_on_worker(self._step, job)
 
@@ -164,11 +154,24 @@ class RelayEngine:
         run_on_worker(self._step, job)
 
     def _step(self, job):
-        """A worker runs ``job``, then whatever queued meanwhile; the watchers resume after."""
+        """Run ``job``, then whatever queued meanwhile; the watchers resume after.
+
+        They are stopped meanwhile: a socket closed by the WebSocket layer during the
+        job is then closed at once (gevent defers closing an fd that a watcher is on).
+        """
+        for watcher in self._watchers.values():
+            watcher.stop()
         try:
             self._handle(job)
-            while self._waiting and self._directions:
-                self._handle(self._waiting.pop(0))
+            while self._directions:
+                if self._waiting:
+                    self._handle(self._waiting.pop(0))
+                    continue
+                closed = [leg for leg in self._directions if leg.ws.socket_closed]
+                if not closed:
+                    break
+                for leg in closed:  # closed by the WebSocket layer: reading it ends the direction
+                    self._handle(leg)
         except Exception as exc:  # a bug here must end this session only
             log.exception("! %s relay failed", self.conn.id)
             self.bus.fire(self.bus.exception, connection=self.conn, exception=exc)
@@ -186,6 +189,11 @@ class RelayEngine:
                 self._stop_watching()
 
     def _handle(self, job):
+        if job is START:
+            for src in (self.client, self.backend):
+                if src in self._directions and not self._receive(src, self._initial.pop(src, None) or None):
+                    self._direction_done(src)
+            return
         if job is LINGER:
             for leg in self._directions:
                 leg.shutdown()
@@ -194,23 +202,36 @@ class RelayEngine:
         if job is GIVE_UP:
             self._directions.clear()
             return
-        if isinstance(job, tuple):
+        if isinstance(job, tuple):  # a chunk the fast path read
             src, data, notes = job
-        else:  # a leg whose watcher fired while another job ran
-            src, notes = job, NOT_SCANNED
+            if src in self._directions and not self._chunk(src, data, notes):
+                self._direction_done(src)
+            return
+        src = job
+        while src in self._directions:
             try:
                 data = src.sock.recv(RECV_SIZE)
             except OSError:
                 data = b""
-        if src in self._directions and not self._chunk(src, data, notes):
-            self._direction_done(src)
+            if not self._receive(src, data):
+                self._direction_done(src)
+            elif not (src.plain_sock is None and src.sock.pending()):
+                return  # a TLS leg's SSL object may hold bytes the kernel no longer shows
+
+    def _receive(self, src, data):
+        """Relay what was read from ``src`` (None: only what is buffered); False ends the direction."""
+        if src.inbound is not None:
+            return self._decoded(src, data)
+        if data is None:
+            return True
+        return self._chunk(src, data, NOT_SCANNED)
 
     def _direction_done(self, src):
         self._directions.discard(src)
         watcher = self._watchers.get(src)
         if watcher is not None:
             watcher.stop()
-        if self._directions and self._watchers and self._timer is None:
+        if self._directions and self._timer is None:
             self._start_timer(self.close_timeout, LINGER)
 
     def _start_timer(self, seconds, job):
@@ -234,7 +255,7 @@ class RelayEngine:
         if on_done is not None:
             on_done()
 
-    # -- raw forwarding ----------------------------------------------------------
+    # -- raw directions ----------------------------------------------------------
 
     def _chunk(self, src, data, notes):
         """Forward one chunk read from ``src`` (``notes`` from the scanner, if it saw it); False ends it."""
@@ -309,110 +330,69 @@ class RelayEngine:
         dst.wrote()
         return True
 
-    def _pump_raw(self, src, dst, data):
-        self._scan_into(dst)
-        sock = src.sock
-        recv = sock.recv
-        plain = not is_tls(sock)  # TLS may hold decrypted bytes already
+    # -- decoded directions ------------------------------------------------------
+
+    def _decoded(self, src, data):
+        """Whole frames from ``src`` (``data`` just read; None: only what is buffered); False ends it."""
+        ws = src.ws
+        if data is not None:
+            if data:
+                ws.feed(data)
+            else:
+                ws.peer_ended()
+        dst = src.other
         try:
             while True:
-                if data and not self._chunk(src, data, NOT_SCANNED):
-                    return
-                if plain and len(data) < RECV_SIZE:  # the kernel had no more: wait, then read
-                    wait_readable(sock)
-                data = recv(RECV_SIZE)
-                if not data:
-                    break
-        except OSError:
-            pass
-        self._eof(src)
-
-    # -- pump mode (TLS legs, decoded directions) --------------------------------
-
-    def _run_pumps(self, up, down):
-        """Client-to-backend pump here, backend-to-client in a greenlet; each bounded once the other ends."""
-        self._pumping = True
-        down = gevent.spawn(self._guarded, down, self.backend, self.client)
-        try:
-            self._guarded(up, self.client, self.backend)
-        finally:
-            self._pumping = False
-        down.join(timeout=self.close_timeout)
-        if not down.ready():  # the backend has not closed its side in time
-            self.backend.shutdown()
-            down.join(timeout=1)
-            down.kill(block=False)
-        self._stop_timer()
-
-    def _guarded(self, pump, src, dst):
-        try:
-            pump(src, dst)
-        except Exception as exc:  # a bug here must end this session only
-            log.exception("! %s relay %s->%s failed", self.conn.id, src.name, dst.name)
-            self.bus.fire(self.bus.exception, connection=self.conn, exception=exc)
-            self.session.close(CloseCode.INTERNAL_ERROR, "internal error")
-        if src is self.backend and self._pumping:
-            # the client side must finish its closing handshake within close_timeout too
-            self._timer = gevent.get_hub().loop.timer(self.close_timeout)
-            self._timer.start(self._cut_client)
-
-    def _cut_client(self):
-        if self._pumping:
-            self.client.shutdown()
-
-    def _pump_decoded(self, src, dst):
-        """Read whole frames, fire the hot-path events, re-encode what is left for the other leg."""
-        bus = self.bus
-        from_client = src is self.client
-        assemble = from_client and bool(bus.client_message.receivers or bus.client_binary.receivers)
-        text_whole = bool(bus.raw_message.receivers)
-        fragments = from_client and bool(bus.client_fragmented.receivers)
-        parts, opcode = [], None
-        src.ws.auto_pong = False
-        try:
-            while True:
-                frame = src.ws.receive_frame()
+                frame = ws.take_frame()
+                if frame is NEED_MORE:
+                    return True
                 if frame is None:
                     break
-                op = frame.opcode
-                if op != OP_PONG:
-                    src.last_activity = time.monotonic()
-                if op == OP_CLOSE:
-                    code, reason = src.ws.close_code, src.ws.close_reason
-                    src.close_out = True  # the WebSocket layer has echoed it
-                    dst.send_close(code, reason)  # no-op if glb closed that leg already
-                    self._close_passed(src, code, reason)
-                    continue
-                if op in (OP_PING, OP_PONG):
-                    if op == OP_PONG:
-                        src.last_pong = time.monotonic()
-                    self._send_frame(dst, op, frame.payload, True)
-                    continue
-                if op != OP_CONTINUATION:
-                    opcode = op
-                if fragments and not assemble and not (text_whole and opcode == OP_TEXT):
-                    event = bus.fire(bus.client_fragmented, connection=self.conn, session=self.session,
-                                     data=frame.payload, opcode=op, continuation=op == OP_CONTINUATION,
-                                     final=frame.fin)
-                    if not event.handled:
-                        self._send_frame(dst, op, frame.payload, frame.fin)
-                    continue
-                if not assemble and not (text_whole and opcode == OP_TEXT):
-                    self._send_frame(dst, op, frame.payload, frame.fin)
-                    continue
-                parts.append(frame.payload)
-                if frame.fin:
-                    payload = b"".join(parts)
-                    parts = []
-                    self._deliver(src, dst, opcode, payload)
+                self._decoded_frame(src, dst, frame)
         except ConnectionClosed:
             self._lost(dst)
-            return
-        ws = src.ws
+            return False
         if ws.closed_by == "error" and ws.close_code != CloseCode.ABNORMAL:
             self._violation(src, _Broken(ws.close_code, ws.close_reason), told=True)
         elif src.close_in is None:
             self._eof(src)
+        return False
+
+    def _decoded_frame(self, src, dst, frame):
+        """One frame from ``src``: fire the hot-path events, re-encode what is left for ``dst``."""
+        op = frame.opcode
+        if op != OP_PONG:
+            src.last_activity = time.monotonic()
+        if op == OP_CLOSE:
+            code, reason = src.ws.close_code, src.ws.close_reason
+            src.close_out = True  # the WebSocket layer has echoed it
+            dst.send_close(code, reason)  # no-op if glb closed that leg already
+            self._close_passed(src, code, reason)
+            return
+        if op == OP_PING or op == OP_PONG:
+            if op == OP_PONG:
+                src.last_pong = time.monotonic()
+            self._send_frame(dst, op, frame.payload, True)
+            return
+        decoding = src.inbound
+        if op != OP_CONTINUATION:
+            decoding.opcode = op
+        whole = decoding.assemble or (decoding.text_whole and decoding.opcode == OP_TEXT)
+        if not whole:
+            if decoding.fragments:
+                bus = self.bus
+                event = bus.fire(bus.client_fragmented, connection=self.conn, session=self.session,
+                                 data=frame.payload, opcode=op, continuation=op == OP_CONTINUATION,
+                                 final=frame.fin)
+                if event.handled:
+                    return
+            self._send_frame(dst, op, frame.payload, frame.fin)
+            return
+        decoding.parts.append(frame.payload)
+        if frame.fin:
+            payload = b"".join(decoding.parts)
+            decoding.parts.clear()
+            self._deliver(src, dst, decoding.opcode, payload)
 
     @staticmethod
     def _send_frame(dst, opcode, payload, fin):
@@ -518,6 +498,19 @@ def _worker_loop(func, arg):
             return
         _idle_workers.append(getcurrent())
         func, arg = hub.switch()
+
+
+class Decoding:
+    """What a decoded direction needs across frames: which events listen, and a message being assembled."""
+
+    __slots__ = ("assemble", "text_whole", "fragments", "parts", "opcode")
+
+    def __init__(self, bus, from_client):
+        self.assemble = from_client and bool(bus.client_message.receivers or bus.client_binary.receivers)
+        self.text_whole = bool(bus.raw_message.receivers)  # raw_message: whole text messages, both ways
+        self.fragments = from_client and bool(bus.client_fragmented.receivers)
+        self.parts = []
+        self.opcode = None  # of the data message under way
 
 
 class _Broken:

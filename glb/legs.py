@@ -25,13 +25,15 @@ class Leg(LegClose):
     sends_masked = False  # this peer's frames are masked
     header_size = 2  # header of a small (< 126 bytes) frame from this peer
 
-    __slots__ = ("ws", "os_sock", "other", "out_scanner", "out_in_message", "last_activity", "last_pong",
+    __slots__ = ("ws", "plain_sock", "fast", "inbound", "other", "out_scanner", "out_in_message", "last_activity", "last_pong",
                  "ping_sent", "_boundary")
 
     def __init__(self, ws):
         super().__init__()
         self.ws = ws
-        self.os_sock = None  # the OS socket under gevent's, for the engine's reads in the hub
+        self.plain_sock = None  # the gevent socket of a plain (not TLS) leg, for the engine's fast path
+        self.fast = False  # the engine may relay this peer's chunks in its watcher callback
+        self.inbound = None  # glb.engine.Decoding when this peer's frames are decoded, None when raw
         self.other = None
         self.out_scanner = None  # FrameScanner over the raw stream written to this leg
         self.out_in_message = False  # decoded writes: a fragmented message to this leg is under way

@@ -17,6 +17,8 @@ ones, and keeps quiet legs alive. Its legs are ``glb.legs.ClientLeg`` and
 import logging
 import time
 
+from gevent.event import Event
+
 from glb.closing import ClosingHandshake
 from glb.connection import CLIENT
 from glb.engine import RelayEngine, send_closes
@@ -25,6 +27,7 @@ from glb.frames import OP_BINARY, OP_CLOSE, OP_PING, OP_TEXT, encode_frame
 from glb.handshake import Rejection
 from glb.legs import BackendLeg, ClientLeg
 from glb.pairing import pair
+from glb.websocket import is_tls
 
 log = logging.getLogger("glb.relay")
 
@@ -39,7 +42,7 @@ class ClientSession:
 
     # thousands live at once: no per-instance __dict__
     __slots__ = ("balancer", "bus", "conn", "backend", "response_headers", "upstream", "client",
-                 "backend_leg", "closing", "engine", "_ended")
+                 "backend_leg", "closing", "engine", "_ended", "_relayed")
 
     def __init__(self, balancer, conn, backend, upstream, response_headers):
         self.balancer = balancer
@@ -53,6 +56,7 @@ class ClientSession:
         self.closing = ClosingHandshake(None, self.backend_leg)
         self.engine = None
         self._ended = False
+        self._relayed = None  # set when the relay is done, for a TLS client's accepting greenlet
 
     @classmethod
     def prepare(cls, balancer, conn, environ):
@@ -72,7 +76,11 @@ class ClientSession:
     # -- running -------------------------------------------------------------
 
     def run(self):
-        """Relay until the session ends; DETACHED if it goes on in io watchers (it then ends itself)."""
+        """Relay until the session ends; DETACHED if it goes on in io watchers (it then ends itself).
+
+        A TLS client's socket belongs to the greenlet that accepted it (closed when
+        it returns), so that greenlet waits here until the relay is done.
+        """
         settings = self.balancer.settings.glb
         client_ws = self.conn.websocket
         client_ws.auto_pong = False
@@ -86,7 +94,13 @@ class ClientSession:
         try:
             self.bus.fire(self.bus.client_connect, connection=self.conn, session=self, backend=self.backend)
             if self.closing.outcome is None:  # a client_connect handler may have closed the session
-                detached = self.engine.run(self._detached_end)
+                if is_tls(client_ws.sock):
+                    self._relayed = Event()
+                    self.engine.run(self._relayed.set)
+                    self._relayed.wait()
+                else:
+                    self.engine.run(self._detached_end)
+                    detached = True
         finally:
             if not detached:
                 self._finish()

@@ -76,6 +76,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_MESSAGE_SIZE = 16 * 1024 * 1024
 RECV_SIZE = 64 * 1024
+NEED_MORE = "need more"  # take_frame(): no whole frame buffered yet
 MAX_RESPONSE_HEAD = 64 * 1024
 MAX_ERROR_BODY = 64 * 1024
 WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -142,6 +143,11 @@ class WebSocket:
         return self._closed_by is not None
 
     @property
+    def socket_closed(self):
+        """True once this side has closed the socket."""
+        return self._sock_closed
+
+    @property
     def closed_by(self):
         """``"peer"``, ``"local"`` or ``"error"`` (see the module table); None while open."""
         return self._closed_by
@@ -203,17 +209,44 @@ class WebSocket:
             self._notify()
 
     def _receive_frame(self):
+        while True:
+            frame = self.take_frame()
+            if frame is not NEED_MORE:
+                return frame
+            sock = self._sock
+            try:
+                if self._drained:
+                    wait_readable(sock)
+                data = sock.recv(RECV_SIZE)
+            except OSError as exc:
+                self._lost(f"receive failed: {exc}")
+                return None
+            if not data:
+                self.peer_ended()
+                return None
+            self._drained = self._plain and len(data) < RECV_SIZE
+            self._reader.feed(data)
+
+    def feed(self, data):
+        """Bytes someone else read from this socket (the relay engine), for ``take_frame``."""
+        self._reader.feed(data)
+
+    def take_frame(self):
+        """The next frame from bytes already received, without reading: a Frame, NEED_MORE, or None.
+
+        None once the connection is closed. The protocol's duties are done as in
+        ``receive_frame`` (a ping answered if ``auto_pong``, a close echoed, a
+        violation answered with its close code).
+        """
+        if self._close_received or self._sock_closed:
+            return None
         try:
-            frame = self._read_frame()
+            frame = self._reader.next_frame()
         except ProtocolError as exc:
             self._fail(exc.code, exc.reason)
             return None
-        except ConnectionClosed as exc:
-            self._lost(exc.reason)
-            return None
-        except OSError as exc:
-            self._lost(f"receive failed: {exc}")
-            return None
+        if frame is None:
+            return NEED_MORE
         if frame.opcode == OP_PING:
             if self.auto_pong:
                 self._send_quietly(encode_frame(OP_PONG, frame.payload, mask=self._mask))
@@ -221,20 +254,9 @@ class WebSocket:
             self._on_peer_close(frame.payload)
         return frame
 
-    def _read_frame(self):
-        reader = self._reader
-        sock = self._sock
-        while True:
-            frame = reader.next_frame()
-            if frame is not None:
-                return frame
-            if self._drained:
-                wait_readable(sock)
-            data = sock.recv(RECV_SIZE)
-            if not data:
-                raise ConnectionClosed(CloseCode.ABNORMAL, "connection closed without a close frame")
-            self._drained = self._plain and len(data) < RECV_SIZE
-            reader.feed(data)
+    def peer_ended(self):
+        """The peer ended TCP (EOF) without a close frame."""
+        self._lost("connection closed without a close frame")
 
     def take_unread(self):
         """Bytes received but not yet parsed (``initial`` included), for a caller switching to raw relaying."""
