@@ -127,9 +127,10 @@ def wait_quiet(pids, limit=5.0, tick=0.1):
 # --------------------------------------------------------------------------- child processes
 
 
-def glb_env(*extra_paths):
-    """The environment for ``python -m glb``: this checkout (and ``extra_paths``) first on PYTHONPATH."""
-    paths = [REPO, *extra_paths, os.environ.get("PYTHONPATH", "")]
+def glb_env(*extra_paths, source=REPO):
+    """The environment for ``python -m glb``: this checkout, or the glb tree ``source``, (and ``extra_paths``)
+    first on PYTHONPATH."""
+    paths = [source, *extra_paths, os.environ.get("PYTHONPATH", "")]
     return dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in paths if p))
 
 
@@ -150,11 +151,11 @@ def write_glb_config(directory, port, backend_port, modules="", name="lb.ini"):
     return path
 
 
-def start_glb(python, directory, backend_port, deadline, modules="", extra_paths=(), name="lb.ini"):
-    """``python -m glb`` on a free port with a temporary config: (Popen, port), listening."""
+def start_glb(python, directory, backend_port, deadline, modules="", extra_paths=(), name="lb.ini", source=REPO):
+    """``python -m glb`` (from the tree ``source``) on a free port with a temporary config: (Popen, port)."""
     port = free_port()
     config = write_glb_config(directory, port, backend_port, modules, name)
-    proc = subprocess.Popen([python, "-m", "glb", config], cwd=directory, env=glb_env(*extra_paths))
+    proc = subprocess.Popen([python, "-m", "glb", config], cwd=directory, env=glb_env(*extra_paths, source=source))
     try:
         wait_for_port(port, deadline, proc)
     except BaseException:

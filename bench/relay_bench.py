@@ -20,21 +20,34 @@ Memory per idle relayed session: VmRSS of the proxy's processes before and after
 opening ``--idle-sessions`` sessions (one echo each), in a fresh process; for glb
 both without handlers (raw sessions) and with the handler (decoded sessions).
 
+After glb's own run, its ``/glb/metrics`` is read and set beside what the load
+client sent and received through it (messages and bytes each way, closes by code).
+
+``--compare DIR`` also runs the glb of another source tree (for example a
+``git worktree`` of an earlier commit) against this one: each is started afresh
+and measured in turn, ``--rounds`` times alternately, and the median CPU per
+round trip of each is compared.
+
     python bench/relay_bench.py              # ~75 s
     python bench/relay_bench.py --quick      # ~20 s smoke run
+    git worktree add /tmp/glb-before HEAD~1
+    python bench/relay_bench.py --compare /tmp/glb-before --no-nginx --no-handler --idle-sessions 0
 """
 import argparse
 import base64
 import hashlib
 import os
+import re
 import resource
 import select
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
+import urllib.request
 from array import array
 
 import _common
@@ -433,22 +446,28 @@ class Scenario:
         self.name, self.port, self.proxy_pids = name, port, proxy_pids
         self.load = self.single = None
         self.memory = None  # (rss before KiB, rss after KiB, sessions)
+        self.round_trips = 0  # every echo through this target, warm-ups included
+        self.sessions = 0  # every session opened through it
 
 
 def measure(scenario, args, backend_pids, deadline):
     """Throughput with ``--connections`` connections, then latency with one."""
     warmup = min(0.5, args.seconds / 4)
     socks = open_sessions(scenario.port, args.connections, deadline)
+    scenario.sessions += len(socks)
     try:
-        run_load(socks, warmup, scenario.proxy_pids, backend_pids)
+        scenario.round_trips += run_load(socks, warmup, scenario.proxy_pids, backend_pids)["count"]
         scenario.load = run_load(socks, args.seconds, scenario.proxy_pids, backend_pids)
+        scenario.round_trips += scenario.load["count"]
     finally:
         close_all(socks)
     wait_quiet(scenario.proxy_pids + backend_pids, limit=3)
     socks = open_sessions(scenario.port, 1, deadline)
+    scenario.sessions += 1
     try:
-        run_load(socks, warmup, scenario.proxy_pids, backend_pids)
+        scenario.round_trips += run_load(socks, warmup, scenario.proxy_pids, backend_pids)["count"]
         scenario.single = run_load(socks, args.latency_seconds, scenario.proxy_pids, backend_pids)
+        scenario.round_trips += scenario.single["count"]
     finally:
         close_all(socks)
     wait_quiet(scenario.proxy_pids + backend_pids, limit=3)
@@ -457,20 +476,77 @@ def measure(scenario, args, backend_pids, deadline):
 def measure_memory(scenario, count, backend_pids, deadline):
     """VmRSS of the proxy before and after ``count`` idle sessions (each has echoed one message)."""
     warm = open_sessions(scenario.port, min(50, count), deadline)  # first-use allocations, not per session
+    scenario.sessions += len(warm)
     try:
-        run_load(warm, 0, scenario.proxy_pids, backend_pids)
+        scenario.round_trips += run_load(warm, 0, scenario.proxy_pids, backend_pids)["count"]
     finally:
         close_all(warm)
     wait_quiet(scenario.proxy_pids, limit=3)
     before = rss_kib(scenario.proxy_pids)
     socks = open_sessions(scenario.port, count, deadline)
+    scenario.sessions += len(socks)
     try:
-        run_load(socks, 0, scenario.proxy_pids, backend_pids)
+        scenario.round_trips += run_load(socks, 0, scenario.proxy_pids, backend_pids)["count"]
         wait_quiet(scenario.proxy_pids, limit=3)
         scenario.memory = (before, rss_kib(scenario.proxy_pids), count)
     finally:
         close_all(socks)
     wait_quiet(scenario.proxy_pids + backend_pids, limit=5)
+
+
+def scrape_metrics(port):
+    """glb's ``/glb/metrics`` as {(name, labels text): value}."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/glb/metrics", timeout=10) as answer:
+        text = answer.read().decode()
+    samples = {}
+    for match in re.finditer(r"^(\w+)(?:\{(.*)\})? (\S+)$", text, re.M):
+        samples[(match[1], match[2] or "")] = float(match[3])
+    return samples
+
+
+def wait_sessions_ended(port, sessions, deadline):
+    """Scrape until glb counts ``sessions`` ended client sessions (closing handshakes take a moment)."""
+    while True:
+        samples = scrape_metrics(port)
+        ended = sum(value for (name, _), value in samples.items() if name == "glb_ws_closes_total")
+        if ended >= sessions or time.monotonic() > min(deadline, time.monotonic() + 10):
+            return samples
+        time.sleep(0.1)
+
+
+def report_metrics(scenario, samples):
+    """glb's own count beside the load client's: each round trip is one frame each way."""
+    print(f"glb /glb/metrics after its run ({scenario.sessions} sessions, {scenario.round_trips} round trips "
+          f"by the load client: {len(FRAME)}-byte frames sent, {len(ECHO)}-byte frames received):")
+    for direction, frame in (("to_backend", FRAME), ("to_client", ECHO)):
+        labels = f'backend="bench",direction="{direction}"'
+        messages = samples.get(("glb_ws_messages_total", labels), 0)
+        size = samples.get(("glb_ws_bytes_total", labels), 0)
+        data = scenario.round_trips * len(frame)
+        print(f"  {direction:<10} messages {messages:12.0f} (client: {scenario.round_trips})   "
+              f"bytes {size:14.0f} (client's data frames: {data}; the rest: {size - data:.0f} bytes of close frames)")
+    closes = {labels: value for (name, labels), value in samples.items() if name == "glb_ws_closes_total"}
+    print("  closes: " + ", ".join(f"{labels} {value:.0f}" for labels, value in sorted(closes.items())))
+
+
+def compare_trees(args, tmp, backend_port, backend_pids, deadline, procs):
+    """This tree's glb and ``args.compare``'s, measured alternately; CPU per round trip, medians compared."""
+    trees = [("this tree", _common.REPO), (os.path.basename(args.compare.rstrip("/")), args.compare)]
+    cpu = {name: [] for name, _ in trees}
+    for round_number in range(args.rounds):
+        for name, source in trees:
+            glb, port = _common.start_glb(sys.executable, tmp, backend_port, deadline, source=source)
+            procs.append(glb)
+            scenario = Scenario(name, port, [glb.pid])
+            measure(scenario, args, backend_pids, deadline)
+            stop(glb)
+            cpu[name].append(micros(scenario.load["proxy"], scenario.load["count"]))
+            print(f"  round {round_number + 1} {name:<16} CPU per round trip {cpu[name][-1]:6.2f} us "
+                  f"({rate(scenario.load):.0f} msgs/s)", flush=True)
+    (mine, _), (other, _) = trees
+    a, b = statistics.median(cpu[mine]), statistics.median(cpu[other])
+    print(f"compare: median CPU per round trip: {mine} {a:.2f} us, {other} {b:.2f} us: "
+          f"{(a / b - 1) * 100:+.1f}% ({args.rounds} rounds each, alternating)")
 
 
 # --------------------------------------------------------------------------- report
@@ -581,6 +657,9 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 2 s, 1 s, 50 connections, 200 idle sessions")
     parser.add_argument("--deadline", type=float, help="whole run, seconds (default: from the phases)")
+    parser.add_argument("--compare", metavar="DIR", help="also measure the glb in this source tree "
+                        "(e.g. a git worktree of an earlier commit), alternately with this one")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds for --compare (default 3)")
     parser.add_argument("--serve-echo", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve_echo:
@@ -592,6 +671,10 @@ def main(argv=None):
     nginx = None if args.no_nginx else shutil.which("nginx")
     if args.deadline is None:
         args.deadline = 4 * (args.seconds + args.latency_seconds + 10) + args.idle_sessions / 100 + 60
+        if args.compare:
+            args.deadline += 2 * args.rounds * (args.seconds + args.latency_seconds + 10)
+    if args.compare and not os.path.isdir(os.path.join(args.compare, "glb")):
+        parser.error(f"--compare {args.compare}: no glb package there")
     fd_limit = raise_fd_limit(args.idle_sessions + args.connections + 64)
     if fd_limit < 2 * args.idle_sessions + 64:
         shrunk = max(0, (fd_limit - 64) // 2)
@@ -628,6 +711,7 @@ def main(argv=None):
         if args.idle_sessions:
             measure_memory(scenarios[-1], args.idle_sessions, backend_pids, deadline)
         measure(scenarios[-1], args, backend_pids, deadline)
+        glb_metrics = wait_sessions_ended(port, scenarios[-1].sessions, deadline)
         stop(glb)
 
         if not args.no_handler:
@@ -660,6 +744,10 @@ def main(argv=None):
             scenario.single["conns"] = 1
         report(scenarios)
         report_targets({scenario.name: scenario for scenario in scenarios})
+        report_metrics(scenarios[1], glb_metrics)
+        if args.compare:
+            print(f"compare with {args.compare}:", flush=True)
+            compare_trees(args, tmp, backend_port, backend_pids, deadline, procs)
         return 0
     finally:
         for proc in reversed(procs):

@@ -31,9 +31,12 @@ Broadcasts (PROTOCOL.md, "Broadcast across backends")::
         for conn_id in agent.recipients(envelope):   # this backend's clients it is meant for
             my_websockets[conn_id].send(envelope.payload)
 
-``broadcast`` queues the envelope on the first connected glb, which relays it to every
-ready backend in the order this backend sent its envelopes. Delivery is at most once:
-an envelope sent while no glb is connected, or lost with a dropped channel, is gone.
+``broadcast`` queues the envelope on one glb, which relays it to every ready backend in the
+order this backend sent its envelopes: the glb this backend has been registered with
+longest. After a glb restarts, backends register with it again one by one over several
+seconds; the glbs that stayed up have held everyone all along, and this backend's
+channels to them are the older ones. Delivery is at most once: an envelope sent while no
+glb is connected, or lost with a dropped channel, is gone.
 """
 
 import logging
@@ -148,6 +151,7 @@ class Link:
         self.outbox = None        # the current channel's send queue; None while not connected
         self.websocket = None
         self.registered = False   # ready was sent on the current channel
+        self.registered_at = None  # monotonic time ready was sent on the current channel
         self.registrations = 0    # channels that got as far as ready
         self.last_error = None    # why the last attempt or channel ended
         self.last_close_code = None
@@ -206,6 +210,7 @@ class Link:
                 ws.send(item)
                 if item == control_records.READY:
                     ready_sent = self.registered = True
+                    self.registered_at = time.monotonic()
                     self.registrations += 1
                     log.info("> %s registered as %s", self.url, agent.guid)
         except ConnectionClosed:
@@ -213,6 +218,7 @@ class Link:
         finally:
             self.outbox = self.websocket = None
             self.registered = False
+            self.registered_at = None
             if not ws.closed:  # killed: no time for a closing handshake
                 ws.abort()
             if heartbeat is not None:
@@ -292,6 +298,7 @@ class Agent:
         self.heartbeat = heartbeat  # seconds between pings to glb; 0 = none
         self.close_wait = 2.0  # seconds stop() gives glb to answer a close
         self.clients = {}  # conn id -> ClientRecord: every client connected right now
+        self.draining = False  # drain() was called: re-announced after every reconnect
         self.group = Group()
         self.stopping = Event()
         self.links = [Link(self, url) for url in lb_urls]
@@ -311,6 +318,8 @@ class Agent:
         texts += [control_records.encode_record(binding) for binding in self.bindings]
         texts += [control_records.encode_record(record) for record in self.clients.values()]
         texts.append(control_records.READY)
+        if self.draining:
+            texts.append(control_records.encode_record(control_records.Drain()))
         return texts
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -354,6 +363,18 @@ class Agent:
             self._send_all(control_records.encode_record(
                 ClientRecord(False, conn_id, record.ip, record.channel, record.protocol)))
 
+    def drain(self, spread=None):
+        """Ask every glb for no new clients; with ``spread`` (seconds) glb also closes this
+        backend's sessions with 1012 at random moments within that window, so a deploy can
+        stop this process once they are gone."""
+        self.draining = True
+        self._send_all(control_records.encode_record(control_records.Drain(spread)))
+
+    def undrain(self):
+        """Take new clients again."""
+        self.draining = False
+        self._send_all(control_records.encode_record(control_records.Undrain()))
+
     def _send_all(self, message):
         for link in self.links:
             link.put(message)
@@ -361,15 +382,24 @@ class Agent:
     # -- envelopes -------------------------------------------------------------------------------
 
     def send_envelope(self, message):
-        """Queue an encoded envelope (str or bytes) on the first connected glb; False if none is.
+        """Queue an encoded envelope (str or bytes) on one glb; False if none is connected.
 
-        The seam for ``broadcast``: glb relays the envelope to every ready backend, this one included.
+        The seam for ``broadcast``: glb relays the envelope to every ready backend, this one
+        included. The glb is the one this backend has been registered with longest (the most
+        likely to hold every other backend: see the module docstring), else any connected one.
         """
-        for link in self.links:
-            if link.outbox is not None:
-                link.put(message)
-                return True
-        return False
+        link = self.broadcast_link()
+        if link is None:
+            return False
+        link.put(message)
+        return True
+
+    def broadcast_link(self):
+        """The Link broadcasts go through now, or None when no glb is connected."""
+        registered = [link for link in self.links if link.registered_at is not None]
+        if registered:
+            return min(registered, key=lambda link: link.registered_at)
+        return next((link for link in self.links if link.outbox is not None), None)
 
     def broadcast(self, message, channel="", protocol="", include="", exclude="", guid=""):
         """Send ``message`` (str or bytes) to the clients of every backend glb holds, this one included.

@@ -19,11 +19,23 @@ from urllib.parse import parse_qs
 from glb.errors import GlbError
 
 VNODES_PER_WEIGHT = 160  # hash ring points per unit of weight
+SLOW_START_FLOOR = 0.1  # a backend in slow start begins at this fraction of its weight
 HASH_KEY_KINDS = ("ip", "cookie", "header", "query")
 
 
 class PolicyError(GlbError):
     """An unknown policy name or a bad hash key."""
+
+
+def slow_start_weight(weight, elapsed, window):
+    """The effective weight ``elapsed`` seconds into a slow start of ``window`` seconds.
+
+    Linear from ``SLOW_START_FLOOR * weight`` up to ``weight``; full weight without a window.
+    The hash policy keeps full weights (its ring would reshuffle keys on every step).
+    """
+    if window <= 0 or elapsed >= window:
+        return weight
+    return weight * max(SLOW_START_FLOOR, elapsed / window)
 
 
 @dataclass
@@ -141,7 +153,9 @@ class RandomPolicy(Policy):
 
 
 class LeastConnectionsPolicy(Policy):
-    """Fewest clients; ties broken at random so simultaneous picks spread out."""
+    """Fewest clients per unit of weight (``Backend.load``, as HAProxy's leastconn), so a
+    backend in slow start takes its share gradually; ties broken at random so
+    simultaneous picks spread out."""
 
     name = "least_connections"
 
@@ -151,7 +165,7 @@ class LeastConnectionsPolicy(Policy):
         for backend in candidates:
             if backend.guid in skip:
                 continue
-            count = backend.clients
+            count = backend.load
             if fewest is None or count < fewest:
                 best, fewest = [backend], count
             elif count == fewest:
@@ -208,8 +222,9 @@ class WeightedPolicy(Policy):
         for backend in self._order:
             if backend.guid in skip:
                 continue
-            total += backend.weight
-            value = current.get(backend.guid, 0) + backend.weight
+            weight = backend.effective_weight
+            total += weight
+            value = current.get(backend.guid, 0) + weight
             current[backend.guid] = value
             if best is None or value > current[best.guid]:
                 best = backend
@@ -229,7 +244,7 @@ class PowerOfTwoPolicy(Policy):
             return pool[0] if pool else None
         first, second = self.rng.sample(range(len(pool)), 2)
         a, b = pool[first], pool[second]
-        return b if b.clients < a.clients else a
+        return b if b.load < a.load else a
 
 
 def stable_hash(text):
@@ -242,9 +257,13 @@ class HashPolicy(Policy):
     """Consistent hashing of a request key onto a ring with weighted virtual nodes.
 
     A key missing from the request falls back to the client ip; with no request
-    (or no ip) there is nothing to stick to and the pick is random. The ring is
-    rebuilt only when the set of (guid, weight) changes; each backend's points
-    are computed once and kept while it stays in the pool.
+    (or no ip) there is nothing to stick to and the pick is random.
+
+    The ring changes only when a backend joins or its weight changes. A backend
+    that leaves the candidates (full under ``max_clients``, draining, gone) keeps
+    its points and is walked past, exactly as if they were not there; so one that
+    flips between full and not full costs no rebuild (16,000 points at weight
+    100). Absent backends' points are dropped when they outnumber the present ones.
     """
 
     name = "hash"
@@ -253,30 +272,38 @@ class HashPolicy(Policy):
         super().__init__(rng)
         self.hash_key = hash_key
         self.key_kind, self.key_name = parse_hash_key(hash_key)
-        self._signature = None
+        self._weights = {}  # guid -> weight of the points it has on the ring
         self._points, self._owners = [], []  # sorted ring positions, owner guid of each
-        self._by_guid = {}
+        self._by_guid = {}  # the candidates: guid -> backend
         self._point_cache = {}
+        self.ring_builds = 0
 
-    def _backend_points(self, backend):
-        cached = self._point_cache.get(backend.guid)
-        if cached is None or cached[0] != backend.weight:
-            points = [stable_hash(f"{backend.guid}#{i}")
-                      for i in range(VNODES_PER_WEIGHT * backend.weight)]
-            cached = self._point_cache[backend.guid] = (backend.weight, points)
+    def _backend_points(self, guid, weight):
+        cached = self._point_cache.get(guid)
+        if cached is None or cached[0] != weight:
+            points = [stable_hash(f"{guid}#{i}") for i in range(VNODES_PER_WEIGHT * weight)]
+            cached = self._point_cache[guid] = (weight, points)
         return cached[1]
 
     def _rebuild(self, candidates):
-        self._by_guid = {b.guid: b for b in candidates}
-        signature = frozenset((b.guid, b.weight) for b in candidates)
-        if signature == self._signature:
+        self._by_guid = by_guid = {b.guid: b for b in candidates}
+        weights = self._weights
+        joined = any(weights.get(b.guid) != b.weight for b in candidates)
+        absent = [guid for guid in weights if guid not in by_guid]
+        if not joined and len(absent) <= len(by_guid):
             return
-        self._signature = signature
-        ring = sorted((point, b.guid) for b in candidates for point in self._backend_points(b))
+        members = {b.guid: b.weight for b in candidates}
+        if len(absent) <= len(by_guid):  # probably only full for a moment: keep their points
+            for guid in absent:
+                members[guid] = weights[guid]
+        self._weights = members
+        ring = sorted((point, guid) for guid, weight in members.items()
+                      for point in self._backend_points(guid, weight))
         self._points = [point for point, _ in ring]
         self._owners = [guid for _, guid in ring]
-        for guid in [g for g in self._point_cache if g not in self._by_guid]:
+        for guid in [g for g in self._point_cache if g not in members]:
             del self._point_cache[guid]
+        self.ring_builds += 1
 
     def key_for(self, request):
         """The string hashed for ``request``, or None when there is none."""
@@ -296,7 +323,8 @@ class HashPolicy(Policy):
 
     def pick(self, candidates, request=None, exclude=()):
         self._refresh(candidates)
-        if not self._points:
+        by_guid = self._by_guid
+        if not by_guid:
             return None
         key = self.key_for(request)
         if key is None:
@@ -307,10 +335,13 @@ class HashPolicy(Policy):
         tried = set()
         for step in range(size):
             guid = self._owners[(start + step) % size]
+            backend = by_guid.get(guid)
+            if backend is None:  # not a candidate now: walked past
+                continue
             if guid not in skip:
-                return self._by_guid[guid]
+                return backend
             tried.add(guid)
-            if len(tried) == len(self._by_guid):
+            if len(tried) == len(by_guid):
                 break
         return None
 

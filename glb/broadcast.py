@@ -14,9 +14,10 @@ Rules, in one place::
                              Outbox without blocking; one writer greenlet per channel sends it
     order                    per channel, frames leave in the order they were queued, so the
                              envelopes of one sender reach every backend in the order sent
-    a slow backend           its Outbox holds OUTBOX_SIZE frames; a put into a full one closes that
-                             channel with 1008 "slow consumer" and drops the frame (at most once);
-                             the sender and every other channel carry on
+    a slow backend           its Outbox holds [backends] max_outbox_bytes of frames (one frame of any
+                             size fits an empty one); a put beyond that closes the channel with 1008
+                             "slow consumer" and drops the frame (at most once); the sender and every
+                             other channel carry on
     delivery                 at most once: nothing is retried, acknowledged or replayed after a
                              reconnect; an envelope queued for a channel that closes is lost
 
@@ -24,18 +25,18 @@ Draining backends get envelopes: DRAINING only stops *new* clients from being pa
 with a backend, its existing clients stay connected for as long as the drain takes,
 and a chat room or price feed must keep reaching them meanwhile.
 
-``write_data(id, message)`` resolves ``id`` among glb's own connection ids
-(``Connection.id``) first: a client session gets the message between two relayed
-frames (``ClientSession.send_to_client``), a control channel through its Outbox, any
-other own session directly. Any other id is a backend's client id: a text envelope
-with ``guid=<id>`` (a binary one with target ``<id>``) goes to every ready backend,
+Two namespaces, never mixed: ``write_data(id, message)`` addresses glb's own connections
+(``Connection.id``): a client session gets the message between two relayed frames
+(``ClientSession.send_to_client``), a control channel through its Outbox, any other own
+session directly. ``write_backend_client(id, message)`` addresses a backend's client: a text
+envelope with ``guid=<id>`` (a binary one with target ``<id>``) goes to every ready backend,
 and the backend holding that client delivers it.
 """
 
 import logging
 
 import gevent
-from gevent.queue import Empty, Full, Queue
+from gevent.queue import Empty, Queue
 
 from glb import control_records
 from glb.connection import CLIENT, CONTROL
@@ -47,7 +48,6 @@ log = logging.getLogger("glb.broadcast")
 
 # States whose channels receive envelopes (see the module docstring for why DRAINING is in).
 RELAY_STATES = frozenset({READY, DRAINING})
-OUTBOX_SIZE = 4096        # frames queued per control channel before it counts as a slow consumer
 BATCH_BYTES = 256 * 1024  # a writer joins queued frames into one write up to about this many bytes
 SLOW_CONSUMER = "slow consumer"
 CLOSE_WAIT = 2.0          # seconds a slow consumer gets to answer its close before TCP is cut
@@ -55,22 +55,26 @@ PING_PAYLOAD = b"glb"
 
 
 class Outbox:
-    """One control channel's bounded outbound queue and the greenlet that writes it, in order.
+    """One control channel's outbound queue, bounded in bytes, and the greenlet that writes it, in order.
 
     Owned by its ``ControlSession``: ``start()`` when the channel runs, ``stop()`` in the
     session's ``finally``. ``put`` never blocks; a full queue closes the channel with 1008.
+    Bytes, not frames, bound it: 4096 frames of 16 MiB would be 64 GiB held for one stuck backend.
     """
 
-    def __init__(self, balancer, conn, size=None):
+    def __init__(self, balancer, conn, max_bytes=None):
         self.balancer = balancer
         self.conn = conn
-        self.queue = Queue(maxsize=size or OUTBOX_SIZE)
+        self.queue = Queue()
+        self.max_bytes = max_bytes or balancer.settings.backends.max_outbox_bytes
+        self.queued_bytes = 0  # what the queue holds now (frames taken by the writer excluded)
         self.overflowed = False
         self._writer = None
         self._closer = None
 
     def __repr__(self):
-        return f"<Outbox {self.conn.id} {self.queue.qsize()} queued{' overflowed' if self.overflowed else ''}>"
+        return (f"<Outbox {self.conn.id} {self.queue.qsize()} frames, {self.queued_bytes} bytes queued"
+                f"{' overflowed' if self.overflowed else ''}>")
 
     def start(self):
         self._writer = gevent.spawn(self._write_all)
@@ -86,12 +90,12 @@ class Outbox:
         """Queue one encoded frame; False if it was dropped (the channel is a slow consumer)."""
         if self.overflowed:
             return False
-        try:
-            self.queue.put_nowait(frame)
-        except Full:
+        if self.queued_bytes and self.queued_bytes + len(frame) > self.max_bytes:
             self.overflowed = True
             self._closer = gevent.spawn(self._close_slow)
             return False
+        self.queued_bytes += len(frame)
+        self.queue.put_nowait(frame)
         return True
 
     def _write_all(self):
@@ -99,6 +103,7 @@ class Outbox:
         ws = self.conn.websocket
         while True:
             frame = queue.get()
+            self.queued_bytes -= len(frame)
             if queue.qsize():  # a backlog: one write for many frames
                 parts, size = [frame], len(frame)
                 while size < BATCH_BYTES:
@@ -106,6 +111,7 @@ class Outbox:
                         frame = queue.get_nowait()
                     except Empty:
                         break
+                    self.queued_bytes -= len(frame)
                     parts.append(frame)
                     size += len(frame)
                 frame = b"".join(parts)
@@ -118,7 +124,8 @@ class Outbox:
 
     def _close_slow(self):
         self.balancer.report_error(
-            self.conn, f"{SLOW_CONSUMER}: {self.queue.qsize()} envelopes queued; closing with 1008")
+            self.conn, f"{SLOW_CONSUMER}: {self.queued_bytes} bytes queued (max_outbox_bytes "
+                       f"{self.max_bytes}); closing with 1008")
         try:
             # Waits for the writer's current write at most CLOSE_WAIT s, then cuts TCP; 1008 stays the cause.
             self.conn.websocket.close(CloseCode.POLICY_VIOLATION, SLOW_CONSUMER, wait=CLOSE_WAIT)
@@ -149,7 +156,10 @@ def relay_targets(balancer):
 def fan_out(balancer, envelope):
     """Queue an encoded envelope (str or bytes, sent unchanged) for every ready backend; how many took it."""
     frame = encode_message_frame(envelope)
-    return sum(outbox.put(frame) for outbox in relay_targets(balancer))
+    targets = relay_targets(balancer)
+    taken = sum(outbox.put(frame) for outbox in targets)
+    balancer.stats.broadcast_fanned_out(len(targets) - taken)
+    return taken
 
 
 # -- glb's own API (Balancer.broadcast / write_data / ping delegate here) -------------------------
@@ -172,21 +182,17 @@ def broadcast(balancer, message, channel="", protocol="", include="", exclude=""
 
 
 def write_data(balancer, connection_id, message):
-    """Send ``message`` (str or bytes) to one connection; how many places it went (0: nowhere).
+    """Send ``message`` (str or bytes) to one of glb's own connections (``Connection.id``); 1 if written.
 
-    1 for one of glb's own connections (a client session, a control channel, an own
-    session); for any other id, the number of ready backends the addressed envelope was
-    queued for (only the backend holding that client delivers it). 0 when the connection
-    is closed, its relayed stream stayed mid-frame for relay.SEND_BETWEEN_TIMEOUT, its Outbox
-    is full, or no backend is ready.
+    Only glb's ids: a backend's client ids are another namespace (``write_backend_client``), so
+    a backend whose client ids look like glb's can never receive or divert glb's messages.
+    0 when there is no such connection, it is closed, its relayed stream stayed mid-frame for
+    relay.SEND_BETWEEN_TIMEOUT, or its Outbox is full.
     """
     conn = balancer.connections.get(connection_id)
     if conn is None:
-        if isinstance(message, str):
-            envelope = control_records.encode_text_envelope(message, guid=connection_id)
-        else:
-            envelope = control_records.encode_binary_envelope(connection_id, message)
-        return fan_out(balancer, envelope)
+        log.debug("! write_data: no connection %s", connection_id)
+        return 0
     try:
         written = conn.send(message)
     except ConnectionClosed as exc:
@@ -195,6 +201,19 @@ def write_data(balancer, connection_id, message):
     if not written:
         log.debug("! %s write_data: not written", conn.id)
     return int(written)
+
+
+def write_backend_client(balancer, client_id, message):
+    """Send ``message`` to the client ``client_id`` of whichever backend holds it; how many backends took it.
+
+    An addressed envelope (text: ``guid=<id>``; binary: target ``<id>``) goes to every ready
+    backend, and the backend holding that client delivers it. 0 when no backend is ready.
+    """
+    if isinstance(message, str):
+        envelope = control_records.encode_text_envelope(message, guid=client_id)
+    else:
+        envelope = control_records.encode_binary_envelope(client_id, message)
+    return fan_out(balancer, envelope)
 
 
 def ping(balancer):

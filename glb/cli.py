@@ -6,13 +6,9 @@ module (one line naming the file, section, key and reason), 1 for anything else.
 
 import argparse
 import logging
-import signal
 import sys
 
-import gevent
-import gevent.event
-
-from glb import __version__, config
+from glb import __version__, config, handover
 from glb.errors import ConfigError, HandlerLoadError
 from glb.handlers import inspect_module
 
@@ -36,14 +32,15 @@ def build_parser():
 
 def setup_logging(level):
     logging.basicConfig(level=getattr(logging, level.upper()), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+                        # the pid tells the old glb's lines from the new one's during an upgrade
+                        format="%(asctime)s %(levelname)s [%(process)d] %(name)s %(message)s")
 
 
 def check(settings):
     """Import every handler module and report unknown ``on_*`` names; raise on failure."""
     warnings = []
     for name in settings.handlers.modules:
-        warnings.extend(inspect_module(name)[2])
+        warnings.extend(inspect_module(name, settings)[2])
     return warnings
 
 
@@ -54,6 +51,7 @@ def main(argv=None):
         setup_logging(settings.glb.log_level)
         warnings = check(settings)
     except (ConfigError, HandlerLoadError) as exc:
+        handover.announce_failure(f"glb: {exc}")  # when a running glb started this one (SIGUSR2)
         print(f"glb: {exc}", file=sys.stderr)
         sys.exit(EXIT_BAD_CONFIG)
     for warning in warnings:
@@ -65,29 +63,16 @@ def main(argv=None):
 
 
 def run(settings):
-    from glb.server import Balancer  # after config is known to be good
+    from glb.process import Process, StartFailed
 
+    process = Process(settings, start_demo=start_demo)
     try:
-        balancer = Balancer(settings)
-        balancer.start()
-    except (ConfigError, HandlerLoadError) as exc:
-        print(f"glb: {exc}", file=sys.stderr)
-        return EXIT_BAD_CONFIG
-    except OSError as exc:
-        print(f"glb: cannot listen: {exc}", file=sys.stderr)
-        return 1
-    demo = start_demo(settings, balancer)
-    stop_requested = gevent.event.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        gevent.signal_handler(signum, stop_requested.set)
-    log.info("= glb %s ready (%d listener(s)); stop with Ctrl-C", __version__, len(balancer.servers))
-    stop_requested.wait()
-    log.info("= stopping: no new connections; closing open sessions with 1001")
-    if demo is not None:
-        demo.stop()
-    balancer.stop()
-    log.info("= stopped")
-    return 0
+        process.start()
+    except StartFailed as exc:
+        handover.announce_failure(exc)
+        print(exc, file=sys.stderr)
+        return exc.exit_code
+    return process.run()
 
 
 def start_demo(settings, balancer):

@@ -124,7 +124,7 @@ class ClosingHandshake:
             owed.append((self.client, CloseCode.BAD_GATEWAY, "backend protocol error"))
         return owed
 
-    def glb_closes(self, code, reason):
-        """glb ends the session itself: both legs get its close."""
-        self.end(code, reason, "glb")
+    def glb_closes(self, code, reason, cause=None):
+        """glb ends the session itself: both legs get its close (``cause``: the reason recorded instead)."""
+        self.end(code, cause or reason, "glb")
         return [(self.client, code, reason), (self.backend, code, reason)]

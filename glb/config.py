@@ -18,6 +18,7 @@ Regenerate the README block after changing a declaration::
 """
 import configparser
 import difflib
+import importlib
 import ipaddress
 import math
 import os
@@ -29,6 +30,7 @@ from typing import NamedTuple
 from urllib.parse import urlsplit
 
 from glb.errors import ConfigError
+from glb.limits import normalise_origin
 
 # --------------------------------------------------------------------------- types
 # A type turns the INI text of one value into a Python value, or raises
@@ -96,6 +98,34 @@ class Seconds(Type):
         if value < 0:
             raise ValueError(f"must not be negative, got {text}")
         return value
+
+
+class Number(Type):
+    """A number in ``[min, max]``: a fraction such as 0.1 (ten per cent), a rate."""
+
+    def __init__(self, min=0.0, max=1.0):
+        self.min, self.max = min, max
+        self.name = f"number {min:g}..{max:g}"
+
+    def parse(self, text, base_dir):
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError(f"expected a number, got {text!r}") from None
+        if not (self.min <= value <= self.max):
+            raise ValueError(f"must be between {self.min:g} and {self.max:g}, got {text}")
+        return value
+
+
+class Inherit(Type):
+    """``inner``, or empty for the value of the same key in ``[section]`` (filled in by ``_build``)."""
+
+    def __init__(self, inner, section):
+        self.inner, self.section = inner, section
+        self.name = f"{inner.name}; empty = as [{section}]"
+
+    def parse(self, text, base_dir):
+        return self.inner.parse(text, base_dir) if text else None
 
 
 class Bool(Type):
@@ -191,6 +221,33 @@ class Network(Type):
             raise ValueError(f"not an IP network or address: {text!r}") from None
 
 
+class Rate(Type):
+    """A number of events per second, >= 0 (0 = no limit)."""
+
+    name = "per second >= 0"
+
+    def parse(self, text, base_dir):
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError(f"expected a number per second, got {text!r}") from None
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"must be a finite number >= 0, got {text!r}")
+        return value
+
+
+class Origin(Type):
+    """A browser origin, ``scheme://host[:port]``, kept normalised (lower case, default port dropped)."""
+
+    name = "origin"
+
+    def parse(self, text, base_dir):
+        origin = normalise_origin(text)
+        if origin is None:
+            raise ValueError(f"expected an origin like https://example.com or http://host:8080, got {text!r}")
+        return origin
+
+
 class DottedName(Type):
     name = "module name"
 
@@ -215,6 +272,25 @@ class FilePath(Type):
             raise ValueError(f"not a file: {path}")
         if not os.access(path, os.R_OK):
             raise ValueError(f"file not readable: {path}")
+        return path
+
+
+class OutputPath(Type):
+    """A file glb writes (created if missing) in a directory that must exist; empty means unset (None)."""
+
+    name = "file path (written)"
+
+    def parse(self, text, base_dir):
+        if not text:
+            return None
+        path = os.path.normpath(os.path.join(base_dir, os.path.expanduser(text)))
+        directory = os.path.dirname(path)
+        if os.path.isdir(path):
+            raise ValueError(f"is a directory, not a file: {path}")
+        if not os.path.isdir(directory):
+            raise ValueError(f"directory not found: {directory}")
+        if not os.access(path if os.path.exists(path) else directory, os.W_OK):
+            raise ValueError(f"not writable: {path}")
         return path
 
 
@@ -270,6 +346,14 @@ def _check_token(text):
         raise ValueError("must not contain whitespace (it is sent in an HTTP header)")
 
 
+def _check_health_check(text):
+    kind, _, path = text.partition(" ")
+    path = path.strip()
+    if text in ("", "tcp", "ws") or (kind == "http" and path.startswith("/") and not re.search(r"\s", path)):
+        return
+    raise ValueError(f"expected tcp, ws or http /path (or empty for no checks); got {text!r}")
+
+
 def _check_ciphers(text):
     if text:
         try:
@@ -309,6 +393,10 @@ SECTIONS = {
     "http": "Plain HTTP requests proxied to backends.",
     "tls": "TLS for clients (https:// and wss://); off unless `listen` is set.",
     "demo": "In-process demo backends, for trying glb out; delete in real deployments.",
+    "admin": "Who may call the admin API under `<prefix>admin/` (drain, weights, rebalancing, sessions).",
+    # A handler module's settings live in a section named after the module (used when it is listed).
+    "glb.handlers.access_log": "The bundled access log: one line per ended WebSocket and per HTTP request, "
+                               "to the `glb.access` logger or a file of its own.",
     PATTERN: "A static backend, configured here instead of registering over the control channel. "
              "Zero or more; NAME is unique and made of letters, digits, `.`, `_` and `-`.",
 }
@@ -329,7 +417,7 @@ SETTINGS = (
     Setting("glb", "protocols", List(Choice("websocket", "http"), min_items=1), "websocket, http",
             "What clients may do: WebSocket sessions, plain HTTP requests, or both."),
     Setting("glb", "handshake_timeout", Seconds(positive=True), "10",
-            "Time a client or backend gets to complete a WebSocket handshake."),
+            "Time a client gets to send a whole request head (and a backend to complete a WebSocket handshake)."),
     Setting("glb", "idle_timeout", Seconds(), "0",
             "Close sessions with no traffic either way for this long (0 = never)."),
     Setting("glb", "ping_interval", Seconds(), "30",
@@ -344,6 +432,38 @@ SETTINGS = (
             "Other backends tried for a new session when the chosen one cannot be reached."),
     Setting("glb", "shutdown_timeout", Seconds(), "10",
             "On SIGINT or SIGTERM, how long open sessions get to close before they are cut."),
+    Setting("glb", "upgrade_timeout", Seconds(positive=True), "30",
+            "On SIGUSR2, how long the new glb gets to start and say it is ready before it is stopped "
+            "and the running one carries on."),
+    Setting("glb", "drain_timeout", Seconds(), "60",
+            "After handing over to a new glb (SIGUSR2), how long the old one keeps relaying its open "
+            "sessions before closing them with 1001."),
+    Setting("glb", "drain_spread", Seconds(), "10",
+            "Those 1001 closes are spread at random over this many seconds, so clients do not "
+            "reconnect all at once (0 = all together)."),
+    Setting("glb", "max_connections", Int(min=0), "0",
+            "Most open connections (HTTP and WebSocket, control channels included); a new one beyond "
+            "it gets 503 and an `error` event. 0 = half the file descriptor limit (raised to the hard "
+            "limit at start-up) less a reserve, since a relayed session holds two descriptors."),
+    Setting("glb", "max_connections_per_ip", Int(min=0), "0",
+            "Most open connections from one client address, as max_connections (0 = no cap)."),
+    Setting("glb", "allowed_origins", List(Origin(), name="origin list"), "",
+            "Origins (`https://app.example.com`) whose pages may open WebSockets; any other `Origin` "
+            "gets 403. Requests without `Origin` (not from a browser) pass. Empty = any origin."),
+    Setting("glb", "handshake_rate_per_ip", Rate(), "0",
+            "WebSocket handshakes (sessions and control channels) one address may start per second, "
+            "on average; beyond it 429, or close 1008 for a control channel (0 = no limit)."),
+    Setting("glb", "handshake_burst_per_ip", Int(min=1), "20",
+            "Handshakes one address may start at once before handshake_rate_per_ip applies."),
+    Setting("glb", "rebalance", Bool(), "off",
+            "When the pool changes, close sessions (1012) on backends above their weighted share "
+            "so their clients reconnect to the others."),
+    Setting("glb", "rebalance_threshold", Number(0, 1), "0.1",
+            "How far above its share (a fraction of it) a backend may be before sessions are moved."),
+    Setting("glb", "rebalance_rate", Number(0.1, 10000), "20",
+            "Most sessions closed per second by rebalancing, each at a random moment of its own 1/rate slot."),
+    Setting("glb", "rebalance_cooldown", Seconds(), "30",
+            "Sessions younger than this are not moved (yet), so no client is moved twice in a row."),
     Setting("glb", "log_level", Choice("debug", "info", "warning", "error"), "info",
             "Least severe log level written."),
 
@@ -354,6 +474,16 @@ SETTINGS = (
             "When set, control channels must send `Authorization: Bearer <token>`."),
     Setting("backends", "allow", List(Network(), name="network list"), "127.0.0.0/8, ::1/128",
             "Networks whose control channels need no token."),
+    Setting("backends", "max_clients_reported", Int(min=1), "100000",
+            "Most client records one backend may report; beyond it further `active` records are dropped "
+            "(one `error` event per channel) and its count stays at the cap, so a backend that grew "
+            "popular is never taken out of the pool."),
+    Setting("backends", "max_bindings", Int(min=1), "16",
+            "Most bindings one backend may register; one more closes its channel with 1008 (a backend "
+            "has a few listeners; thousands is a bug to see at once)."),
+    Setting("backends", "max_outbox_bytes", Int(min=65536), "33554432",
+            "Bytes of broadcast envelopes queued for one control channel; a backend that falls further "
+            "behind is closed with 1008 \"slow consumer\" (one envelope of any size fits an empty queue)."),
     Setting("backends", "verify", Bool(), "true",
             "Verify the TLS certificates of wss:// and https:// backends."),
     Setting("backends", "cafile", FilePath(), "",
@@ -363,14 +493,33 @@ SETTINGS = (
     Setting("backends", "keyfile", FilePath(), "",
             "Private key of the client certificate; set together with certfile."),
 
+    Setting("backends", "heartbeat_interval", Seconds(), "10",
+            "Ping every registered backend's control channel this often (0 = never)."),
+    Setting("backends", "heartbeat_timeout", Seconds(positive=True), "5",
+            "A control channel that leaves a heartbeat ping unanswered this long is ended (1011) "
+            "and its backend leaves the pool; its client sessions are closed with 1014."),
+    Setting("backends", "max_fails", Int(min=0), "3",
+            "Failed connects or 5xx handshake answers within `fail_timeout` that take a backend out "
+            "of the pool for `fail_timeout` (0 = never)."),
+    Setting("backends", "fail_timeout", Seconds(positive=True), "10",
+            "The window `max_fails` are counted in, and how long a backend then stays out."),
+    Setting("backends", "slow_start", Seconds(), "0",
+            "A new or returning backend's weight ramps from a tenth to full over this time (0 = at once)."),
+
     Setting("http", "connect_timeout", Seconds(positive=True), "5",
             "Time to connect to a backend for an HTTP request."),
     Setting("http", "read_timeout", Seconds(positive=True), "60",
-            "Time to wait for each read of a backend's response."),
+            "Time to wait for each read of a backend's response or of a client's request body."),
     Setting("http", "pool_connections", Int(min=1), "10",
-            "Backends whose connection pools are kept."),
+            "Backend addresses whose keep-alive connections are kept (the least recently used beyond)."),
     Setting("http", "pool_maxsize", Int(min=1), "100",
-            "Idle connections kept per backend for reuse."),
+            "Idle keep-alive connections kept per backend for reuse."),
+    Setting("http", "pool_idle_timeout", Seconds(positive=True), "30",
+            "Close a pooled backend connection unused for this long."),
+    Setting("http", "keepalive_timeout", Seconds(positive=True), "60",
+            "Close a client connection that sends no next request for this long."),
+    Setting("http", "max_head_size", Int(min=1024), "16384",
+            "Largest request or response head in bytes: 414 (request line) or 431 beyond it."),
     Setting("http", "host_header", Choice("client", "backend"), "client",
             "Host header the backend sees: the one the client sent, or the backend's own host."),
     Setting("http", "retries", Int(min=0), "2",
@@ -398,6 +547,18 @@ SETTINGS = (
     Setting("demo", "backends", Int(0, 16), "0",
             "Start this many demo backends in-process; they register over the control channel."),
 
+    Setting("admin", "token", Str(_check_token, secret=True), "",
+            "When set, admin calls may send `Authorization: Bearer <token>` from any address."),
+    Setting("admin", "allow", List(Network(), name="network list"), "127.0.0.0/8, ::1/128",
+            "Networks whose admin calls need no token (empty = the token is always needed)."),
+    Setting("glb.handlers.access_log", "format", Choice("text", "json"), "text",
+            "`text`: one readable line each; `json`: one JSON object per line (JSON lines), same fields."),
+    Setting("glb.handlers.access_log", "file", OutputPath(), "",
+            "Append the lines, and nothing else, to this file (reopened when rotated away); "
+            "empty = the `glb.access` logger."),
+    Setting("glb.handlers.access_log", "http", Bool(), "true",
+            "Write a line per plain HTTP request too."),
+
     Setting(PATTERN, "url", Url("ws", "wss", root_only=True), REQUIRED,
             "WebSocket URL that sessions are relayed to.", example="ws://127.0.0.1:9001/"),
     Setting(PATTERN, "http", Url("http", "https"), "",
@@ -406,6 +567,21 @@ SETTINGS = (
             "Share of new sessions under `weighted` balancing."),
     Setting(PATTERN, "max_clients", Int(min=0), "0",
             "Most concurrent sessions on this backend (0 = no cap)."),
+    Setting(PATTERN, "check", Str(_check_health_check, "tcp, ws or http /path"), "",
+            "Active health check: a TCP connect, a WebSocket handshake to `url`, or an HTTP GET that "
+            "must answer 2xx/3xx (empty = no active checks).", example="http /health"),
+    Setting(PATTERN, "check_interval", Seconds(positive=True), "2",
+            "Time between two active checks (also each check's timeout)."),
+    Setting(PATTERN, "rise", Int(min=1), "2",
+            "Passed checks in a row that bring a down backend back."),
+    Setting(PATTERN, "fall", Int(min=1), "3",
+            "Failed checks in a row that take a backend out."),
+    Setting(PATTERN, "max_fails", Inherit(Int(min=0), "backends"), "",
+            "As `[backends] max_fails`, for this backend."),
+    Setting(PATTERN, "fail_timeout", Inherit(Seconds(positive=True), "backends"), "",
+            "As `[backends] fail_timeout`, for this backend."),
+    Setting(PATTERN, "slow_start", Inherit(Seconds(), "backends"), "",
+            "As `[backends] slow_start`, for this backend."),
 )
 
 DECLARED = {section: {} for section in SECTIONS}
@@ -413,6 +589,11 @@ for _setting in SETTINGS:
     assert _setting.key.isidentifier() and _setting.key not in DECLARED[_setting.section], _setting
     DECLARED[_setting.section][_setting.key] = _setting
 del _setting
+
+
+# Policies that send a reconnecting client to the emptiest backend, as rebalancing needs. The
+# others would send a moved client back (hash) or anywhere (random, round robin): churn.
+REBALANCE_POLICIES = ("least_connections", "p2c")
 
 
 def cross_checks(settings):
@@ -448,6 +629,9 @@ def cross_checks(settings):
                 ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(values.cafile)
             except (ssl.SSLError, OSError) as exc:
                 yield section, "cafile", f"not a usable CA bundle: {_ssl_reason(exc)}"
+    if settings.glb.rebalance and settings.glb.balancing not in REBALANCE_POLICIES:
+        yield "glb", "rebalance", (f"needs balancing = least_connections or p2c: with {settings.glb.balancing}, "
+                                   "moved clients would not be sent to the emptier backends")
     seen_urls = {}
     for backend in settings.backends_static:
         if backend.url in seen_urls:
@@ -502,6 +686,11 @@ class Settings:
     http: Section
     tls: Section
     demo: Section
+    admin: Section
+
+    def handler_settings(self, module_name):
+        """The section named after a handler module, or None when glb declares none for it."""
+        return self.__dict__.get(module_name)
 
     def __init__(self, sections, backends_static=(), path=None):
         for name, values in sections.items():
@@ -528,7 +717,7 @@ class Settings:
         return f"<Settings from {self.path or '<dict>'}>"
 
 
-assert set(Settings.__annotations__) == set(SECTIONS) - {PATTERN}
+assert set(Settings.__annotations__) == {name for name in SECTIONS if name != PATTERN and "." not in name}
 
 
 # --------------------------------------------------------------------------- loading
@@ -625,6 +814,10 @@ def _build(parser, file, base_dir, path):
             sections[section] = _parse_section(section, DECLARED[section], raw, file, base_dir)
             continue
         kind, colon, name = section.partition(":")
+        if "." in section and not colon:  # a handler module's own settings
+            declared = _declared_by_module(section, parser, file)
+            sections[section] = _parse_section(section, declared, raw, file, base_dir)
+            continue
         if not (colon and kind + ":NAME" == PATTERN):
             raise ConfigError(_unknown_section(section), file, section)
         name = name.strip()
@@ -639,10 +832,65 @@ def _build(parser, file, base_dir, path):
     for section, values in sections.items():
         if values is None:
             sections[section] = _parse_section(section, DECLARED[section], {}, file, base_dir)
+    for backend in static:
+        for key, setting in DECLARED[PATTERN].items():
+            if isinstance(setting.type, Inherit) and getattr(backend, key) is None:
+                setattr(backend, key, sections[setting.type.section][key])
     settings = Settings(sections, static, path)
+    for section in parser.sections():
+        if "." in section and section in SECTIONS and section not in settings.handlers.modules:
+            raise ConfigError(f"settings of handler module {section}, which [handlers] modules does not list",
+                              file, section)
     for section, key, reason in cross_checks(settings):
         raise ConfigError(reason, file, section, key)
     return settings
+
+
+def module_settings(module):
+    """The settings a handler module outside glb declares in its ``SETTINGS`` tuple, by key.
+
+    Each row is a ``Setting`` whose section is the module's own name. ValueError when malformed.
+    """
+    declared = {}
+    for setting in getattr(module, "SETTINGS", ()):
+        if not (isinstance(setting, Setting) and setting.section == module.__name__
+                and setting.key.isidentifier() and setting.key not in declared):
+            raise ValueError(f"SETTINGS must hold Setting({module.__name__!r}, key, type, default, doc) rows "
+                             f"with distinct keys; got {setting!r}")
+        declared[setting.key] = setting
+    return declared
+
+
+def module_defaults(module):
+    """A handler module's declared settings at their defaults, as a Section (None if it declares none)."""
+    declared = module_settings(module)
+    if not declared:
+        return None
+    return Section(module.__name__, _parse_section(module.__name__, declared, {}, "<defaults>", os.getcwd()))
+
+
+def _declared_by_module(section, parser, file):
+    """The declarations for ``[section]``, a handler module's name: listed, importable, declaring SETTINGS."""
+    modules_setting = DECLARED["handlers"]["modules"]
+    text = parser.get("handlers", "modules", fallback=modules_setting.default)
+    try:
+        listed = modules_setting.type.parse(text.strip(), "")
+    except ValueError:
+        listed = ()  # [handlers] modules itself is reported when it is parsed
+    if section not in listed:
+        raise ConfigError(f"settings of handler module {section}, which [handlers] modules does not list", file, section)
+    try:
+        module = importlib.import_module(section)
+    except Exception as exc:
+        raise ConfigError(f"handler module {section} cannot be imported: {type(exc).__name__}: {exc}",
+                          file, "handlers", "modules") from None
+    try:
+        declared = module_settings(module)
+    except ValueError as exc:
+        raise ConfigError(str(exc), file, section) from None
+    if not declared:
+        raise ConfigError(f"handler module {section} declares no settings (no SETTINGS in it)", file, section)
+    return declared
 
 
 def _parse_section(section, declared, raw, file, base_dir):

@@ -22,6 +22,9 @@ What a channel may send and what glb does with it::
     bad server data / binding, duplicate    close 1008 + error     close 1008 + error
     guid, record out of order
     malformed client record                 close 1008 + error     error, channel stays up
+    a binding beyond max_bindings           close 1008 + error     close 1008 + error
+    a new client beyond                     close 1008 + error     dropped; one error per channel
+    max_clients_reported
     "{..." that is no known record          close 1008 + error     error, dropped
     anything else (text or binary)          close 1008 + error     broadcast envelope: parsed
                                                                    strictly, then message / binary
@@ -29,6 +32,9 @@ What a channel may send and what glb does with it::
                                                                    relayed unchanged to every ready
                                                                    backend (glb.broadcast);
                                                                    malformed: error, dropped
+
+The channel leaves the pool the moment it starts closing, whoever closes it
+(``WebSocket.on_closing``), so its guid may register again at once.
 
 The binding endpoint (``GET /sgc@lb@client@get@binding`` and ``<prefix>binding``)
 answers with one ready backend's first binding, chosen by the balancing policy,
@@ -165,6 +171,7 @@ class ControlSession(OwnSession):
         self.channels = control_channels(balancer)
         self.outbox = None  # glb.broadcast.Outbox while the channel runs: every frame glb sends on it
         self._left = False
+        self._dropping = False  # client records are being dropped (max_clients_reported)
 
     @classmethod
     def prepare(cls, balancer, conn, environ):
@@ -186,6 +193,9 @@ class ControlSession(OwnSession):
     def run(self):
         ws = self.conn.websocket
         ws.send_timeout = self.balancer.settings.glb.send_timeout  # a backend that reads nothing is dropped
+        # Out of the pool as soon as the channel starts closing (1009, slow consumer, ...), not
+        # when the peer finally lets go of TCP: its guid may register again at once.
+        ws.on_closing = self._leave
         bus = self.bus
         self.outbox = broadcast.Outbox(self.balancer, self.conn).start()
         try:
@@ -200,6 +210,10 @@ class ControlSession(OwnSession):
             self.outbox.stop()
             bus.fire(bus.server_disconnect, connection=self.conn, backend=self.backend,
                      code=ws.close_code)
+
+    def leave_pool(self):
+        """The backend leaves the pool now (heartbeat eviction); the channel closes after."""
+        self._leave()
 
     def _leave(self):
         """Take the backend out of the pool and the relay map (once; before any slow close)."""
@@ -251,10 +265,23 @@ class ControlSession(OwnSession):
         if outcome == Outcome.REGISTERED:
             self.channels[backend.guid] = self
             log.info("< %s server data: guid %s weight %s", self.conn.id, backend.guid, backend.weight)
+        elif outcome == Outcome.CLIENT_DROPPED:
+            if not self._dropping:  # one error per channel, not one per record
+                self._dropping = True
+                self.balancer.report_error(
+                    self.conn, f"backend {backend.guid} reports more than {self.balancer.registry.max_clients_reported} "
+                    "clients (max_clients_reported); further client records are dropped")
         elif outcome == Outcome.READY:
             log.info("= %s backend %s ready: %s", self.conn.id, backend.guid,
                      ", ".join(b.netloc for b in backend.bindings) or "no bindings")
             self.bus.fire(self.bus.server_ready, connection=self.conn, backend=backend)
+        elif outcome == Outcome.DRAIN:
+            log.info("< %s backend %s drains itself (spread %s)", self.conn.id, backend.guid,
+                     registration.last.spread)
+            self.balancer.pool.drain(backend, registration.last.spread)
+        elif outcome == Outcome.UNDRAIN:
+            log.info("< %s backend %s undrains itself", self.conn.id, backend.guid)
+            self.balancer.pool.undrain(backend)
         return True
 
     def _on_envelope_text(self, text):

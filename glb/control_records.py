@@ -26,6 +26,9 @@ SERVER_DATA = "sgc@lb@server@data"
 BINDING = "sgc@lb@server@binding"
 CLIENT_CONNECTION = "sgc@lb@client@connection"
 READY = "sgc@lb@server@ready"
+DRAIN = "glb@server@drain"      # glb extension: the backend drains itself
+UNDRAIN = "glb@server@undrain"  # glb extension: ... and takes new clients again
+MAX_SPREAD = 86400
 
 MAX_ID_LENGTH = 256
 # Caps the hash ring at 160 * MAX_WEIGHT points per backend (see balancing.py).
@@ -174,6 +177,25 @@ class Ready:
     """The backend has finished registering."""
 
 
+@dataclass(frozen=True)
+class Drain:
+    """glb extension: no new clients for this backend; ``spread`` (seconds) closes its
+    sessions with 1012 at random moments within that window, None keeps them."""
+
+    spread: float = None
+
+    def __post_init__(self):
+        spread = self.spread
+        if spread is not None and (isinstance(spread, bool) or not isinstance(spread, (int, float))
+                                   or not 0 <= spread <= MAX_SPREAD):
+            _fail(DRAIN, "spread", f"must be a number of seconds 0..{MAX_SPREAD}, got {spread!r}")
+
+
+@dataclass(frozen=True)
+class Undrain:
+    """glb extension: a backend that drained itself takes new clients again."""
+
+
 _MISSING = object()
 
 
@@ -196,6 +218,8 @@ _PARSERS = {
     BINDING: lambda obj: _build(Binding, BINDING, obj, ("host", "port"), ("ssl",)),
     CLIENT_CONNECTION: lambda obj: _build(
         ClientRecord, CLIENT_CONNECTION, obj, ("active", "guid"), ("ip", "channel", "protocol")),
+    DRAIN: lambda obj: _build(Drain, DRAIN, obj, (), ("spread",)),
+    UNDRAIN: lambda obj: Undrain(),
 }
 
 
@@ -236,6 +260,10 @@ def encode_record(record):
     if isinstance(record, ClientRecord):
         return _dumps({"method": CLIENT_CONNECTION, "active": record.active, "guid": record.guid,
                        "ip": record.ip, "channel": record.channel, "protocol": record.protocol})
+    if isinstance(record, Drain):
+        return _dumps({"method": DRAIN} if record.spread is None else {"method": DRAIN, "spread": record.spread})
+    if isinstance(record, Undrain):
+        return _dumps({"method": UNDRAIN})
     if isinstance(record, ServerData):
         obj = {"method": SERVER_DATA, "guid": record.guid}
         if record.weight != 1:

@@ -35,7 +35,7 @@ import gevent
 from greenlet import getcurrent, greenlet
 
 from glb.errors import CloseCode, ConnectionClosed, MessageTooBig
-from glb.frames import OP_CLOSE, OP_CONTINUATION, OP_PING, OP_PONG, OP_TEXT, FrameScanner
+from glb.frames import OP_CLOSE, OP_CONTINUATION, OP_PING, OP_PONG, OP_TEXT, FrameScanner, frame_size
 from glb.websocket import NEED_MORE, is_tls
 
 log = logging.getLogger("glb.relay")
@@ -280,6 +280,7 @@ class RelayEngine:
         """Scan and forward one received chunk as it is; False ends the direction."""
         scanner = dst.out_scanner
         if scanner.error is not None:  # the far peer judges what glb could not follow
+            src.bytes += len(data)
             src.last_activity = time.monotonic()
             dst.ws.send_raw(data)
         elif src.close_in is None:  # after its close frame, a peer's bytes are ignored
@@ -361,6 +362,9 @@ class RelayEngine:
     def _decoded_frame(self, src, dst, frame):
         """One frame from ``src``: fire the hot-path events, re-encode what is left for ``dst``."""
         op = frame.opcode
+        src.bytes += frame_size(len(frame.payload), src.sends_masked)
+        if frame.fin and op < OP_CLOSE:
+            src.messages += 1
         if op != OP_PONG:
             src.last_activity = time.monotonic()
         if op == OP_CLOSE:

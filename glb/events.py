@@ -51,10 +51,10 @@ EVENT_TABLE = (
               "connection, session, data, opcode, continuation, final", "drop (handled)"),
     EventSpec("server_connect", "a backend has opened a control channel (not yet registered)",
               "connection, backend", "read; reject by closing"),
-    EventSpec("server_disconnect", "a backend's control channel has closed",
-              "connection, backend, code", "read"),
-    EventSpec("server_ready", "a backend has finished registering and is eligible for traffic",
-              "connection, backend", "read"),
+    EventSpec("server_disconnect", "a backend's control channel has closed, or health checks took a backend "
+              "out (then connection and code are None)", "connection, backend, code", "read"),
+    EventSpec("server_ready", "a backend has finished registering and is eligible for traffic, or is back "
+              "after health checks (then connection is None)", "connection, backend", "read"),
     EventSpec("before_send_server_binding", "glb is about to send a chosen backend binding to a client",
               "connection, binding (host, port, ssl)", "change host, port, ssl"),
     EventSpec("http_request", "an ordinary HTTP request arrived, before it is forwarded",
@@ -112,6 +112,7 @@ class EventBus:
     def __init__(self):
         for spec in EVENT_TABLE:
             setattr(self, spec.name, EventSignal(spec))
+        self.handler_errors = dict.fromkeys(EVENT_NAMES, 0)  # event -> handler calls that raised
 
     def fire(self, signal, **attrs):
         """Send an event to every receiver; None (and no Event built) if there are none."""
@@ -138,6 +139,7 @@ def _contained(bus, name, func, origin):
             func(event)
         except Exception as exc:  # a handler bug must never reach the session
             log.exception("! handler %s.on_%s raised", origin, name)
+            bus.handler_errors[name] += 1
             if name != "exception":
                 bus.fire(bus.exception, connection=getattr(event, "connection", None),
                          exception=exc, event=event)

@@ -111,6 +111,17 @@ def encode_frame(opcode, payload, fin=True, mask=False, rsv=0):
     return b"".join((header, payload))
 
 
+def frame_size(payload_length, masked):
+    """Bytes a frame with this payload takes on the wire, header (and mask key) included."""
+    if payload_length < 126:
+        header = 2
+    elif payload_length < 0x10000:
+        header = 4
+    else:
+        header = 10
+    return header + (4 if masked else 0) + payload_length
+
+
 def encode_close_payload(code, reason=""):
     """A close frame's payload; a reason too long for a control frame is cut at a character.
 
@@ -206,6 +217,7 @@ class _MessageSequence:
         self.max_message_size = max_message_size
         self.in_message = False  # inside a fragmented data message
         self._message_size = 0
+        self.messages = 0  # data messages whose final frame header was seen (for metrics)
 
     def _track_data_frame(self, opcode, fin, length):
         limit = self.max_message_size
@@ -223,6 +235,8 @@ class _MessageSequence:
             size = length
         self._message_size = size
         self.in_message = not fin
+        if fin:
+            self.messages += 1
 
 
 class FrameReader(_MessageSequence):
@@ -339,6 +353,7 @@ class FrameScanner(_MessageSequence):
         pos = skip
         notes = None
         start = 0
+        whole = 0  # small whole messages passed by the fast path, added to ``messages`` once
         try:
             if self._control is not None or self._head:
                 start = self._pending_start - self._position
@@ -359,6 +374,7 @@ class FrameScanner(_MessageSequence):
                         and length <= self.max_message_size):
                     # A whole small text/binary message: by far the common case.
                     pos += length + (6 if mask_bit else 2)
+                    whole += 1
                     continue
                 header = parse_frame_header(chunk, pos)
                 if header is None:
@@ -377,8 +393,15 @@ class FrameScanner(_MessageSequence):
             if notes is None:
                 notes = []
             notes.append(Violation(exc, start))
+        if whole:
+            self.messages += whole
         self._position += size
         return notes
+
+    @property
+    def bytes_seen(self):
+        """Every byte fed so far, frame headers included (what the relay forwarded)."""
+        return self._position
 
     def _save_head(self, chunk, pos):
         self._head = bytes(chunk[pos:])

@@ -9,6 +9,7 @@ import base64
 import binascii
 import hashlib
 import http
+import re
 
 from glb.errors import Status
 
@@ -91,6 +92,29 @@ def check_upgrade(environ):
 def accept_key(key):
     digest = hashlib.sha1((key.strip() + WEBSOCKET_GUID).encode("ascii")).digest()
     return base64.b64encode(digest).decode("ascii")
+
+
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+def header_problem(headers):
+    """Why ``(name, value)`` pairs cannot go in a response head as they are, or None.
+
+    Names are RFC 9110 tokens; values are Latin-1 text without CR, LF or NUL
+    (anything else would split the head or fail to encode half-way through it).
+    """
+    for name, value in headers:
+        if not isinstance(name, str) or not _TOKEN.fullmatch(name):
+            return f"header name {name!r} is not an HTTP token"
+        if not isinstance(value, str):
+            return f"header {name} value {value!r} is not a string"
+        if any(c in value for c in "\r\n\0"):
+            return f"header {name} value {value!r} holds CR, LF or NUL"
+        try:
+            value.encode("latin-1")
+        except UnicodeEncodeError:
+            return f"header {name} value {value!r} is not Latin-1"
+    return None
 
 
 def switching_protocols(key, extra_headers=()):

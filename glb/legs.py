@@ -26,7 +26,7 @@ class Leg(LegClose):
     header_size = 2  # header of a small (< 126 bytes) frame from this peer
 
     __slots__ = ("ws", "plain_sock", "fast", "inbound", "other", "out_scanner", "out_in_message", "last_activity", "last_pong",
-                 "ping_sent", "_boundary")
+                 "ping_sent", "messages", "bytes", "_boundary")
 
     def __init__(self, ws):
         super().__init__()
@@ -40,6 +40,9 @@ class Leg(LegClose):
         self.last_activity = time.monotonic()  # anything but a pong received from this peer
         self.last_pong = 0.0
         self.ping_sent = None  # when glb's last keep-alive ping went to this peer
+        # Received from this peer where no raw scanner counts them (decoded frames, blind forwarding)
+        self.messages = 0
+        self.bytes = 0
         self._boundary = None  # Event for glb's own frames waiting on a boundary (rarely made)
 
     def __repr__(self):

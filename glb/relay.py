@@ -27,6 +27,7 @@ from glb.frames import OP_BINARY, OP_CLOSE, OP_PING, OP_TEXT, encode_frame
 from glb.handshake import Rejection
 from glb.legs import BackendLeg, ClientLeg
 from glb.pairing import pair
+from glb.stats import Figures
 from glb.websocket import is_tls
 
 log = logging.getLogger("glb.relay")
@@ -124,8 +125,24 @@ class ClientSession:
                 pass
         self.balancer.registry.session_ended(self.backend)
         code, reason, closed_by = self.closing.status
+        self.balancer.stats.session_ended(self.backend.name, self.figures(), code, closed_by,
+                                          time.monotonic() - self.conn.started)
         self.bus.fire(self.bus.client_disconnect, connection=self.conn, session=self, backend=self.backend,
                       code=code, reason=reason, closed_by=closed_by)
+
+    def figures(self):
+        """Messages and bytes relayed each way so far, frame headers included (read, never stored).
+
+        A raw direction is counted by the scanner of the leg it writes, a decoded one on its
+        source leg; both are added.
+        """
+        client, backend = self.client, self.backend_leg
+        if client is None:  # not relaying yet
+            return Figures()
+        up, down = backend.out_scanner, client.out_scanner
+        return Figures(client.messages + (up.messages if up else 0), client.bytes + (up.bytes_seen if up else 0),
+                       backend.messages + (down.messages if down else 0),
+                       backend.bytes + (down.bytes_seen if down else 0))
 
     @property
     def outcome(self):
@@ -137,9 +154,13 @@ class ClientSession:
         code, reason, _ = self.closing.status
         return code, reason
 
-    def close(self, code=CloseCode.GOING_AWAY, reason="going away"):
-        """glb ends the session (shutdown, idle or ping timeout, a handler): both legs get the close."""
-        owed = self.closing.glb_closes(code, reason)
+    def close(self, code=CloseCode.GOING_AWAY, reason="going away", cause=None):
+        """glb ends the session (shutdown, idle or ping timeout, a handler): both legs get the close.
+
+        ``cause``, when given, is the reason ``client_disconnect`` reports instead of ``reason``
+        (rebalancing sends "service restart" on the wire and reports "rebalance").
+        """
+        owed = self.closing.glb_closes(code, reason, cause)
         if self.client is not None:
             send_closes(owed)
 
@@ -190,7 +211,9 @@ class ClientSession:
         if self.client is None or self.closing.outcome is not None:
             return
         legs = (self.client, self.backend_leg)
-        if idle_timeout and now - max(leg.last_activity for leg in legs) > idle_timeout:
+        # A leg blocked in a send is streaming, not idle: send_timeout judges it (1008, slow reader).
+        if idle_timeout and now - max(leg.last_activity for leg in legs) > idle_timeout \
+                and not any(leg.ws.sending for leg in legs):
             self.close(CloseCode.GOING_AWAY, "idle timeout")
             return
         if not ping_interval:

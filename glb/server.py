@@ -1,11 +1,12 @@
 """Server wiring: listeners, routing, the upgrade path and graceful shutdown.
 
-``Balancer`` is one running glb. Each listener is a gevent ``WSGIServer`` with
-``UpgradeHandler`` (gevent-websocket's handler, with glb's handshake checks).
-A valid upgrade becomes a *session*: an object with ``response_headers`` and
-``run()`` chosen by path (own echo, control channel, client relay). The 101 is
-written by glb, then the socket is detached from pywsgi so the handler, its
-environ and its buffers are freed while the session lives in its own greenlet.
+``Balancer`` is one running glb. Each listener is a gevent ``WSGIServer`` whose
+handler class, ``UpgradeHandler`` (glb.http_server), reads every request itself:
+glb's own endpoints (``http_routes``), upgrades (``handle_upgrade``) and the rest
+(``http_proxy``). A valid upgrade becomes a *session*: an object with
+``response_headers`` and ``run()`` chosen by path (own echo, control channel,
+client relay). The 101 is written by glb, then the socket is detached from the
+server so the session lives in its own greenlet.
 """
 
 import logging
@@ -14,20 +15,28 @@ import time
 
 import gevent
 from gevent.pool import Group
-from gevent.pywsgi import WSGIHandler, WSGIServer
-from geventwebsocket.handler import WebSocketHandler
+from gevent.pywsgi import WSGIServer
 
-from glb import broadcast  # Balancer.broadcast / write_data / ping delegate to it
-from glb import handshake, tls
+from glb import broadcast  # Balancer.broadcast / write_data / write_backend_client / ping delegate to it
+from glb import handshake, reload, tls
+from glb.admin import AdminApi
+from glb.admission import Admission
 from glb.balancing import PickRequest, make_policy
 from glb.control import SGC_BINDING_PATH, SGC_CONTROL_PATH, BindingEndpoint, ControlSession
 from glb.connection import CLIENT, Connection, headers_from_environ
 from glb.errors import CloseCode, Status
 from glb.events import EventBus
-from glb.handlers import load_handlers
+from glb.handlers import load_handler_receivers
+from glb.health import HealthMonitor
 from glb.http_proxy import HttpProxy
+from glb.http_server import UpgradeHandler
 from glb.own_sessions import EchoSession
+from glb.pool import PoolControl
+from glb.rebalance import Rebalancer
 from glb.relay import DETACHED, ClientSession
+from glb.live import LiveFeed, LiveSession, StatusPage
+from glb.metrics import MetricsEndpoint
+from glb.stats import Stats
 from glb.status import StatusEndpoint
 from glb.registry import Registry
 from glb.websocket import WebSocket
@@ -35,42 +44,26 @@ from glb.websocket import WebSocket
 log = logging.getLogger("glb.server")
 
 
-class UpgradeHandler(WebSocketHandler):
-    """pywsgi handler: upgrades go to the balancer, everything else to the WSGI app."""
-
-    def handle(self):
-        if self.socket.family != stdlib_socket.AF_UNIX:
-            # pywsgi writes headers and body separately: without this, Nagle delays small answers
-            self.socket.setsockopt(stdlib_socket.IPPROTO_TCP, stdlib_socket.TCP_NODELAY, 1)
-        # A client that sends its request (or the next one) too slowly is let go; sessions
-        # clear this once upgraded (see _take_socket).
-        self.socket.settimeout(getattr(self.server, "read_timeout", None))
-        super().handle()
-
-    def run_application(self):
-        if handshake.is_upgrade_request(self.environ):
-            self.server.balancer.handle_upgrade(self)
-        else:
-            WSGIHandler.run_application(self)
-
-    def log_request(self):
-        # access lines come from the access_log handler module, not pywsgi
-        pass
-
-
 class Balancer:
     """One running glb: settings, event bus, backend pool, listeners and open sessions."""
 
     def __init__(self, settings, handler_modules=None):
         self.settings = settings
+        self.stats = Stats()  # plain counters; glb.metrics and the status page read them
         self.bus = EventBus()
         modules = settings.handlers.modules if handler_modules is None else handler_modules
-        for warning in load_handlers(modules, self.bus):
+        self.handler_receivers, warnings = load_handler_receivers(modules, self.bus, settings)
+        for warning in warnings:
             log.warning("%s", warning)
-        self.registry = Registry()
+        backends = settings.backends
+        self.registry = Registry(backends.max_clients_reported, backends.max_bindings,
+                                 max_fails=backends.max_fails, fail_timeout=backends.fail_timeout,
+                                 slow_start=backends.slow_start)
         for static in settings.backends_static:
             self.registry.add_static(static.name, static.url, http=static.http,
-                                     weight=static.weight, max_clients=static.max_clients)
+                                     weight=static.weight, max_clients=static.max_clients,
+                                     max_fails=static.max_fails, fail_timeout=static.fail_timeout,
+                                     slow_start=static.slow_start)
         self.policy = make_policy(settings.glb.balancing, hash_key=settings.glb.hash_key)
         self.prefix = settings.glb.prefix
         self.connections = {}  # id -> Connection, every open WebSocket
@@ -79,26 +72,39 @@ class Balancer:
         self.servers = []
         self.stopping = False
         self.control_channels = {}  # guid -> ControlSession whose server data was accepted
+        self.reload_hooks = []  # f(old_settings, new_settings), called once a reload is applied (glb.reload)
         self.ws_routes = {
             self.prefix + "echo": EchoSession,
             self.prefix + "control": ControlSession,
             SGC_CONTROL_PATH: ControlSession,
+            self.prefix + "status/live": LiveSession,
         }
+        self.live_feed = LiveFeed(self)  # samples only while a status page is open
         binding_endpoint = BindingEndpoint(self)
         self.http_routes = {
             SGC_BINDING_PATH: binding_endpoint,
             self.prefix + "binding": binding_endpoint,
             self.prefix + "status": StatusEndpoint(self),
+            self.prefix + "metrics": MetricsEndpoint(self),
+            self.prefix: StatusPage(self),
         }
+        self.http_prefix_routes = {self.prefix + "admin/": AdminApi(self)}  # path prefix -> WSGI app
         self.http_proxy = HttpProxy(self)  # everything else over plain HTTP
+        self.admission = Admission(self)  # connection limits, origins, handshake rate
+        self.health = HealthMonitor(self)  # heartbeats, active and passive checks
+        self.pool = PoolControl(self)  # drain, undrain, weights, closing a backend's sessions
+        self.rebalancer = Rebalancer(self)
+        self.rebalance_closes = 0  # sessions closed by rebalancing
 
     # -- listeners ---------------------------------------------------------
 
-    def start(self):
+    def start(self, inherited=None):
         """Bind every listener and start accepting; returns the plain (host, port) list.
 
         TLS listeners (``tls_addresses``) get their contexts first, so a bad
         certificate or a failing TLS handler binds nothing (see glb.tls).
+        ``inherited`` (glb.listeners) holds listening sockets passed by the
+        previous glb or systemd: a listener uses its socket instead of binding.
         """
         settings = self.settings
         file = settings.path or "<dict>"
@@ -108,33 +114,51 @@ class Balancer:
             self.backend_ssl_context()  # its files are checked now, not at the first wss:// backend
         if not settings.backends.verify:
             log.warning("= [backends] verify = false: certificates of wss:// and https:// backends are not checked")
-        for host, port in settings.glb.listen:
-            server = WSGIServer((host, port), self.wsgi_app, handler_class=UpgradeHandler,
-                                log=None, error_log=_PywsgiErrorLog())
-            server.balancer = self
-            server.read_timeout = settings.glb.handshake_timeout
-            server.start()
-            self.servers.append(server)
-            log.info("= listening on http://%s", _format_address(server.address))
-        for (host, port), context in contexts:
-            server = tls.TLSServer((host, port), self.wsgi_app, context,
-                                   handshake_timeout=settings.glb.handshake_timeout,
-                                   handler_class=UpgradeHandler, log=None, error_log=_PywsgiErrorLog())
-            server.balancer = self
-            server.read_timeout = settings.glb.handshake_timeout
-            server.start()
-            self.servers.append(server)
-            log.info("= listening on https://%s", _format_address(server.address))
+        self.admission.start()
+        take = inherited.take if inherited is not None else (lambda scheme, address: None)
+        for address in settings.glb.listen:
+            self.start_listener(self.make_listener("http", address, sock=take("http", address)))
+        for address, context in contexts:
+            self.start_listener(self.make_listener("https", address, context, sock=take("https", address)))
+        if inherited is not None:
+            inherited.close_rest()
         self._sweeper = gevent.spawn(self._sweep_forever)
+        self.http_proxy.start()
+        self.health.start()
+        self.rebalancer.start()
         return self.addresses
+
+    def make_listener(self, scheme, address, context=None, sock=None):
+        """A server for one configured listener, not yet accepting; ``sock``: an inherited listening socket."""
+        glb = self.settings.glb
+        listener = sock if sock is not None else address
+        if scheme == "https":
+            server = tls.TLSServer(listener, _no_application, context, handshake_timeout=glb.handshake_timeout,
+                                   handler_class=UpgradeHandler, log=None, error_log=_PywsgiErrorLog())
+        else:
+            server = WSGIServer(listener, _no_application, handler_class=UpgradeHandler,
+                                log=None, error_log=_PywsgiErrorLog())
+        server.balancer = self
+        server.scheme, server.configured, server.inherited = scheme, tuple(address), sock is not None
+        self.admission.guard(server)
+        return server
+
+    def start_listener(self, server):
+        """Start accepting on a server from ``make_listener`` (binding it, unless bound already)."""
+        server.start()
+        self.servers.append(server)
+        log.info("= listening on %s://%s%s", server.scheme, _format_address(server.address),
+                 " (inherited)" if server.inherited else "")
+        return server
 
     def _sweep_forever(self):
         """Keep-alive pings, ping timeouts and idle timeouts for every client session, from one greenlet."""
-        glb = self.settings.glb
-        periods = [p for p in (glb.ping_interval, glb.ping_timeout, glb.idle_timeout) if p]
-        tick = max(0.05, min(periods) / 4) if periods else None
-        while tick is not None and not self.stopping:
-            gevent.sleep(tick)
+        while not self.stopping:
+            glb = self.settings.glb  # each round: a reload may change the periods
+            periods = [p for p in (glb.ping_interval, glb.ping_timeout, glb.idle_timeout) if p]
+            gevent.sleep(max(0.05, min(periods) / 4) if periods else 1.0)
+            if not periods:
+                continue
             now = time.monotonic()
             for session in list(self.client_sessions):
                 session.keep_alive(now, glb.ping_interval, glb.ping_timeout, glb.idle_timeout)
@@ -155,6 +179,9 @@ class Balancer:
         self.stopping = True
         if getattr(self, "_sweeper", None) is not None:
             self._sweeper.kill(block=False)
+        for part in (self.health, self.rebalancer, self.pool):
+            part.stop()
+        self.live_feed.stop()
         for server in self.servers:
             server.close()
         for conn in list(self.connections.values()):
@@ -175,17 +202,24 @@ class Balancer:
         for server in self.servers:
             server.stop(timeout=0)
         self.http_proxy.close()  # its pooled backend connections
+        self.admission.stop()
 
     # -- plain HTTP --------------------------------------------------------
 
-    def wsgi_app(self, environ, start_response):
-        route = self.http_routes.get(environ.get("PATH_INFO", ""))
-        if route is not None:
-            return route(environ, start_response)
-        return self.forward_http(environ, start_response)
+    def http_route(self, path):
+        """glb's own WSGI endpoint for ``path``, or None (the request is forwarded).
 
-    def forward_http(self, environ, start_response):
-        return self.http_proxy(environ, start_response)
+        An exact entry of ``http_routes`` first; else the longest entry of
+        ``http_prefix_routes`` that ``path`` starts with (``/glb/admin/...``).
+        """
+        route = self.http_routes.get(path)
+        if route is not None or not path.startswith(self.prefix):
+            return route
+        best = ""
+        for prefix in self.http_prefix_routes:
+            if len(prefix) > len(best) and path.startswith(prefix):
+                best = prefix
+        return self.http_prefix_routes[best] if best else None
 
     # -- upgrades ----------------------------------------------------------
 
@@ -203,6 +237,9 @@ class Balancer:
         conn = Connection(handler.client_address, path, environ.get("QUERY_STRING", ""),
                           headers_from_environ(environ), kind,
                           secure=environ.get("wsgi.url_scheme") == "https")
+        refusal = self.admission.refuse_upgrade(conn)  # origin, handshake rate
+        if isinstance(refusal, handshake.Rejection):
+            return _respond(handler, refusal)
         response_headers = {}
         event = self.bus.fire(self.bus.handshake, connection=conn, request_headers=conn.headers,
                               response_headers=response_headers)
@@ -211,17 +248,27 @@ class Balancer:
             log.info("! %s handshake rejected by handler: %s %s", conn.id, code, reason)
             status = handshake.status_line(code)
             return _respond(handler, handshake.Rejection(status, reason or status))
-        session = session_class.prepare(self, conn, environ)
+        session = (refusal or session_class).prepare(self, conn, environ)
         if isinstance(session, handshake.Rejection):
             return _respond(handler, session)
         extra = list(session.response_headers) + list(response_headers.items())
+        sock = handler.socket
+        problem = handshake.header_problem(extra)
+        if problem is not None:  # a handshake handler's mistake: no 101, and nothing held
+            session.abandon(problem)
+            self.report_error(conn, f"handshake refused: {problem}")
+            return _respond(handler, handshake.Rejection(Status.INTERNAL_ERROR, "bad response header"))
         try:
             conn.websocket, detached = accept_websocket(
                 handler, extra, max_message_size=self.settings.glb.max_message_size, connection=conn)
         except OSError as exc:
             session.abandon(f"101 could not be written: {exc}")
             return
+        except BaseException as exc:  # whatever failed, the session's backend slot is given back
+            session.abandon(f"101 could not be written: {exc!r}")
+            raise
         if detached:
+            self.admission.hold(sock, conn.id)  # the session keeps the connection's count
             self.sessions.spawn(self.run_session, conn, session)
         else:
             self.sessions.add(gevent.getcurrent())
@@ -243,6 +290,7 @@ class Balancer:
         ws = conn.websocket
         conn.session = session
         self.connections[conn.id] = conn
+        self.stats.connection_opened(conn.kind)
         detached = False
         try:
             self.bus.fire(self.bus.connect, connection=conn)
@@ -263,6 +311,7 @@ class Balancer:
         if not conn.websocket.closed:
             _close_quietly(conn, CloseCode.INTERNAL_ERROR, "session ended")
         self.connections.pop(conn.id, None)
+        self.admission.release_held(conn.id)
         code, reason = session.close_status
         self.bus.fire(self.bus.disconnect, connection=conn, code=code, reason=reason)
 
@@ -273,8 +322,12 @@ class Balancer:
         return broadcast.broadcast(self, message, channel, protocol, include, exclude)
 
     def write_data(self, connection_id, message):
-        """Send to one connection: glb's own (Connection.id) or a backend's client; 0 = nowhere."""
+        """Send to one of glb's own connections (Connection.id); 1 if written, 0 if not."""
         return broadcast.write_data(self, connection_id, message)
+
+    def write_backend_client(self, client_id, message):
+        """Send to a client a backend reported (its own id), through the backends; how many took it."""
+        return broadcast.write_backend_client(self, client_id, message)
 
     def ping(self):
         """Ping every WebSocket glb accepted, control channels included; how many were pinged."""
@@ -284,6 +337,14 @@ class Balancer:
         """A protocol or I/O error on one of glb's connections: log it and fire ``error``."""
         log.info("! %s %s", conn.id if conn is not None else "-", text)
         self.bus.fire(self.bus.error, connection=conn, error=text)
+
+    def reload(self, path=None):
+        """Check the config at ``path`` (default: the file it came from) and apply it in place.
+
+        Returns what changed (glb.reload.Changes). Raises ConfigError, HandlerLoadError or
+        OSError with the running config untouched.
+        """
+        return reload.reload(self, path or self.settings.path)
 
     def pick_request(self, environ):
         return PickRequest.from_environ(environ)
@@ -309,6 +370,7 @@ def _close_quietly(conn, code, reason):
 
 def _respond(handler, rejection):
     """Answer an upgrade with an HTTP error and close the connection."""
+    handler.server.balancer.stats.handshake_rejected(rejection.status)
     handler.close_connection = True
     handler.start_response(rejection.status, rejection.headers + [("Connection", "close")])
     handler.write(rejection.body)
@@ -357,6 +419,11 @@ def _take_socket(handler):
 def _format_address(address):
     host, port = address[:2]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _no_application(environ, start_response):
+    """gevent's server wants an application; glb's handler class never calls it."""
+    raise RuntimeError("glb answers every request itself")
 
 
 class _PywsgiErrorLog:

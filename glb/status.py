@@ -4,6 +4,8 @@ Only peers that may open a control channel (``[backends] allow`` or the bearer
 token) see it: it names backends' internal addresses.
 """
 
+import os
+
 from glb import __version__
 from glb.control import authorize, json_response
 from glb.errors import Status
@@ -17,8 +19,7 @@ class StatusEndpoint:
 
     def __call__(self, environ, start_response):
         balancer = self.balancer
-        refusal = authorize(balancer.settings.backends, environ.get("REMOTE_ADDR", ""),
-                            environ.get("HTTP_AUTHORIZATION"))
+        refusal = operator_refusal(balancer, environ)
         if refusal is not None:
             start_response(refusal.status, refusal.headers)
             return [refusal.body]
@@ -26,6 +27,14 @@ class StatusEndpoint:
             return json_response(start_response, Status.METHOD_NOT_ALLOWED, {"error": "use GET"},
                                  [("Allow", "GET")])
         return json_response(start_response, Status.OK, snapshot(balancer))
+
+
+def operator_refusal(balancer, environ):
+    """None when the peer may read glb's operator views (status, metrics, the status page), else a Rejection.
+
+    The rule is the control channel's: a peer inside ``[backends] allow``, or the bearer token.
+    """
+    return authorize(balancer.settings.backends, environ.get("REMOTE_ADDR", ""), environ.get("HTTP_AUTHORIZATION"))
 
 
 def snapshot(balancer):
@@ -36,11 +45,13 @@ def snapshot(balancer):
     candidates = set(id(backend) for backend in balancer.registry.candidates())
     return {
         "version": __version__,
+        "pid": os.getpid(),  # after an upgrade (SIGUSR2), which process answered
         "stopping": balancer.stopping,
         "balancing": balancer.settings.glb.balancing,
         "listeners": [f"http://{host}:{port}" for host, port in balancer.addresses]
         + [f"https://{host}:{port}" for host, port in getattr(balancer, "tls_addresses", [])],
         "connections": connections,
+        "rebalance_closes": balancer.rebalance_closes,
         "backends": [{
             "guid": backend.guid,
             "name": backend.name,
@@ -48,6 +59,7 @@ def snapshot(balancer):
             "static": backend.static,
             "accepts_clients": id(backend) in candidates,
             "bindings": [{"host": b.host, "port": b.port, "ssl": b.ssl} for b in backend.bindings],
+            "health": backend.health,
             "weight": backend.weight,
             "max_clients": backend.max_clients,
             "relayed": backend.relayed,

@@ -31,6 +31,7 @@ import logging
 import os
 import socket
 import ssl
+import time
 from urllib.parse import urlsplit
 
 import gevent
@@ -77,6 +78,12 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_MESSAGE_SIZE = 16 * 1024 * 1024
 RECV_SIZE = 64 * 1024
 NEED_MORE = "need more"  # take_frame(): no whole frame buffered yet
+# Fairness: a reader hands the hub back after this much work, whatever its peer sends. A frame
+# costs its payload size, at least FRAME_COST, so a flood of tiny frames (each handled by Python
+# code: control records, events) yields every TURN_BYTES // FRAME_COST frames, a bulk stream
+# every TURN_BYTES.
+TURN_BYTES = 256 * 1024
+FRAME_COST = 2048
 MAX_RESPONSE_HEAD = 64 * 1024
 MAX_ERROR_BODY = 64 * 1024
 WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -99,9 +106,9 @@ class WebSocket:
 
     # one per connection leg, thousands at once: no per-instance __dict__
     __slots__ = ("_sock", "server_side", "connection", "auto_pong", "send_timeout", "close_timeout",
-                 "_mask", "_reader", "_write_lock", "_plain", "_drained", "_reading", "_changed",
+                 "_mask", "_reader", "_write_lock", "_plain", "_drained", "_turn", "_reading", "_changed",
                  "_close_sent", "_close_received", "_sock_closed", "_closed_by", "_close_code",
-                 "_close_reason")
+                 "_close_reason", "on_closing", "last_pong")
 
     def __init__(self, sock, *, server_side, max_message_size=DEFAULT_MAX_MESSAGE_SIZE,
                  initial=b"", connection=None, auto_pong=True, send_timeout=None,
@@ -119,6 +126,7 @@ class WebSocket:
         self._write_lock = Semaphore()
         self._plain = not is_tls(sock)  # TLS may hold decrypted bytes or need retries: no fast paths
         self._drained = False  # the last recv emptied the kernel's buffer: wait before the next
+        self._turn = TURN_BYTES  # work left before this reader must let others run (see TURN_BYTES)
         self._reading = False  # a greenlet is inside receive_frame()
         self._changed = None  # an Event only while close() waits for that reader (few exist at once)
         self._close_sent = False
@@ -127,6 +135,10 @@ class WebSocket:
         self._closed_by = None
         self._close_code = None
         self._close_reason = None
+        # Called once, with no arguments, the moment closing begins (whoever began it), before
+        # any wait for the peer: an owner that must let go of shared state does it here.
+        self.on_closing = None
+        self.last_pong = 0.0  # monotonic time the last pong was received (heartbeats read it)
 
     def __repr__(self):
         side = "server" if self.server_side else "client"
@@ -159,6 +171,11 @@ class WebSocket:
     @property
     def close_reason(self):
         return self._close_reason
+
+    @property
+    def sending(self):
+        """True while a send waits for the peer to take bytes (bounded by ``send_timeout``)."""
+        return self._write_lock.locked()
 
     @property
     def max_message_size(self):
@@ -209,13 +226,19 @@ class WebSocket:
             self._notify()
 
     def _receive_frame(self):
+        if self._turn <= 0:  # a fast peer never makes us wait: let every other greenlet and fd run
+            self._turn = TURN_BYTES
+            yield_turn()
         while True:
             frame = self.take_frame()
             if frame is not NEED_MORE:
+                if frame is not None:
+                    self._turn -= max(len(frame.payload), FRAME_COST)
                 return frame
             sock = self._sock
             try:
                 if self._drained:
+                    self._turn = TURN_BYTES  # waiting for the peer lets the others run anyway
                     wait_readable(sock)
                 data = sock.recv(RECV_SIZE)
             except OSError as exc:
@@ -250,6 +273,8 @@ class WebSocket:
         if frame.opcode == OP_PING:
             if self.auto_pong:
                 self._send_quietly(encode_frame(OP_PONG, frame.payload, mask=self._mask))
+        elif frame.opcode == OP_PONG:
+            self.last_pong = time.monotonic()
         elif frame.opcode == OP_CLOSE:
             self._on_peer_close(frame.payload)
         return frame
@@ -473,6 +498,8 @@ class WebSocket:
         """Record why the connection ended; the first cause wins."""
         if self._closed_by is None:
             self._closed_by, self._close_code, self._close_reason = by, code, reason
+            if self.on_closing is not None:
+                self.on_closing()
 
     def _notify(self):
         if self._changed is not None:
@@ -491,6 +518,15 @@ class WebSocket:
 
 def is_tls(sock):
     return isinstance(sock, (ssl.SSLSocket, gevent.ssl.SSLSocket))
+
+
+def yield_turn():
+    """Let the hub poll every socket and run every ready greenlet, then carry on.
+
+    ``sleep(0)`` may resume this greenlet before the loop polls for I/O; a timer,
+    however short, fires only after the next poll.
+    """
+    gevent.sleep(0.000001)
 
 
 def wait_readable(sock):
@@ -634,18 +670,32 @@ def _read_response_head(sock):
 
 
 def _parse_response_head(head):
+    """``(status_line, status, headers)``; HandshakeFailed with no status for anything malformed.
+
+    A malformed answer is a failed backend, never a refusal to pass on: the
+    status must be three ASCII digits (``"4\u00b23"`` passes ``isdigit()``),
+    every header line ``name: value``, a Content-Length ASCII digits.
+    """
     lines = head.decode("latin-1").split("\r\n")
     status_line = lines[0]
     fields = status_line.split(" ", 2)
-    if len(fields) < 2 or not fields[0].startswith("HTTP/") or not fields[1].isdigit():
+    if len(fields) < 2 or not fields[0].startswith("HTTP/") or not _ascii_digits(fields[1]) \
+            or len(fields[1]) != 3 or fields[1][0] == "0":
         raise HandshakeFailed(f"malformed status line {status_line!r}")
     headers = []
     for line in lines[1:]:
         name, colon, value = line.partition(":")
         if not colon or not name or name != name.strip():
-            raise HandshakeFailed(f"malformed response header line {line!r}", int(fields[1]), headers)
+            raise HandshakeFailed(f"malformed response header line {line!r}")
         headers.append((name, value.strip()))
+    length = _header_value(headers, "content-length")
+    if length is not None and not _ascii_digits(length):
+        raise HandshakeFailed(f"malformed Content-Length {length!r}")
     return status_line, int(fields[1]), headers
+
+
+def _ascii_digits(text):
+    return text.isascii() and text.isdigit()
 
 
 def _header_value(headers, wanted):
@@ -675,7 +725,7 @@ def _read_error_body(sock, headers, body):
     length = _header_value(headers, "content-length")
     chunked = "chunked" in (_header_value(headers, "transfer-encoding") or "").lower()
     wanted = MAX_ERROR_BODY
-    if length is not None and length.isdigit():
+    if length is not None:  # ASCII digits: checked with the head
         wanted = min(int(length), MAX_ERROR_BODY)
     try:
         while len(body) < wanted and not (chunked and _chunked_complete(body)):

@@ -1,9 +1,17 @@
 """Test helpers: real glb instances on 127.0.0.1 port 0, real clients, raw sockets."""
 
 import contextlib
+import os
+import re
+import signal
 import socket
 import struct
+import sys
+import time
 
+import gevent
+import gevent.queue
+import gevent.subprocess
 import websocket  # websocket-client
 
 from glb import config
@@ -140,3 +148,144 @@ class RawClient:
 
     def close(self):
         self.sock.close()
+
+
+class GlbProcess:
+    """A real ``python -m glb CONFIG`` process; its log lines are read as they come.
+
+    ``wait_for(pattern)`` returns the regex match of the first log line after the
+    previous wait that matches, or fails after ``timeout`` seconds.
+    """
+
+    ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def __init__(self, config_path, env=None, pass_fds=(), argv=None):
+        full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+        full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [self.ROOT, full_env.get("PYTHONPATH", "")]))
+        self.proc = gevent.subprocess.Popen(argv or [sys.executable, "-m", "glb", str(config_path)],
+                                            cwd=self.ROOT, env=full_env, stderr=gevent.subprocess.PIPE,
+                                            text=True, pass_fds=pass_fds)
+        self.lines = []
+        self._queue = gevent.queue.Queue()
+        self._reader = gevent.spawn(self._read)
+        self.port = int(self.wait_for(r"listening on http://127\.0\.0\.1:(\d+)").group(1))
+        self.wait_for(r"glb \S+ ready")
+
+    def _read(self):
+        for line in self.proc.stderr:
+            self.lines.append(line)
+            self._queue.put(line)
+        self._queue.put(None)
+
+    def wait_for(self, pattern, timeout=20):
+        with gevent.Timeout(timeout, AssertionError(f"no log line matching {pattern!r}:\n" + self.log)):
+            while True:
+                line = self._queue.get()
+                if line is None:
+                    raise AssertionError(f"glb exited before logging {pattern!r}:\n" + self.log)
+                match = re.search(pattern, line)
+                if match:
+                    return match
+
+    @property
+    def log(self):
+        return "".join(self.lines)
+
+    @property
+    def url(self):
+        return f"ws://127.0.0.1:{self.port}"
+
+    def signal(self, signum):
+        self.proc.send_signal(signum)
+
+    def stop(self, timeout=20):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=timeout)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+            self._reader.join(timeout=5)
+
+
+class Traffic:
+    """Sessions that each send numbered messages and check every echo, round and round."""
+
+    def __init__(self, sessions):
+        self.sessions = sessions
+        self.sent = self.received = 0
+        self.errors = []
+        self.rounds = 0
+        self.stopping = False
+        self.greenlet = gevent.spawn(self._run)
+
+    def _run(self):
+        while not self.stopping:
+            for index, ws in enumerate(self.sessions):
+                text = f"{index}:{self.rounds}"
+                try:
+                    ws.send(text)
+                    self.sent += 1
+                    answer = ws.recv()
+                except Exception as exc:  # noqa: BLE001 (any failure is what we count)
+                    self.errors.append(f"session {index}: {exc!r}")
+                    return
+                if answer != text:
+                    self.errors.append(f"session {index}: sent {text!r}, got {answer!r}")
+                    return
+                self.received += 1
+            self.rounds += 1
+
+    def wait_rounds(self, count, timeout=20):
+        target = self.rounds + count
+        with gevent.Timeout(timeout, AssertionError(f"traffic stalled: {self.errors}")):
+            while self.rounds < target and not self.greenlet.dead:
+                gevent.sleep(0.01)
+        assert not self.errors, self.errors
+
+    def stop(self):
+        """Finish the current round and stop."""
+        self.stopping = True
+        self.greenlet.join(timeout=20)
+        assert self.greenlet.dead
+
+
+def open_session_pid(url):
+    """A session through glb, and the pid of the glb process that accepted it (from an
+    ``X-Glb-Pid`` response header, added by a handler module the test configures)."""
+    ws = ws_connect(url + "/app")
+    return ws, int(ws.getheaders()["x-glb-pid"])
+
+
+class Connector:
+    """Opens a session every ``interval`` s, checks one echo on it and closes it; counts failures."""
+
+    def __init__(self, url, interval=0.05):
+        self.url, self.interval = url, interval
+        self.pids = []
+        self.failures = []
+        self.greenlet = gevent.spawn(self._run)
+
+    def _run(self):
+        next_at = time.monotonic()
+        while True:
+            next_at += self.interval  # a fixed rate, whatever each connection took
+            try:
+                ws, pid = open_session_pid(self.url)
+                ws.send("hello")
+                assert ws.recv() == "hello"
+                ws.close()
+                self.pids.append(pid)
+            except Exception as exc:  # noqa: BLE001 (refused, reset, anything: counted)
+                self.failures.append(repr(exc))
+            gevent.sleep(max(0.0, next_at - time.monotonic()))
+
+    def wait_for_pid(self, pid, timeout=20):
+        with gevent.Timeout(timeout, AssertionError(f"no connection reached pid {pid}: {self.pids[-5:]}")):
+            while pid not in self.pids:
+                gevent.sleep(0.02)
+
+    def stop(self):
+        self.greenlet.kill()

@@ -6,6 +6,7 @@ import time
 
 import gevent
 import gevent.event
+import gevent.queue
 import pytest
 import requests
 
@@ -252,3 +253,30 @@ def test_a_silent_glb_is_noticed_by_the_heartbeat_and_the_agent_reconnects():
     finally:
         agent.stop(timeout=1)
         server.stop(timeout=1)
+
+
+def test_a_broadcast_while_a_restarted_glb_is_refilling_reaches_the_backends_it_lacks(agents):
+    """Two glbs; after A restarts, Y is back on A but X is not yet: Y's broadcasts must go
+    through B, which holds everyone, not through A, the first in Y's list."""
+    with wired_glb() as a, wired_glb() as b:
+        got = gevent.queue.Queue()
+        x = agents([base_url(a), base_url(b)], guid="x", bindings=[("127.0.0.1", 9001)],
+                   on_envelope=got.put, backoff_base=0.05)
+        y = agents([base_url(a), base_url(b)], guid="y", bindings=[("127.0.0.1", 9002)],
+                   backoff_base=0.05)
+        x.start()
+        y.start()
+        deadline = gevent.Timeout(10, AssertionError("agents did not register with both glbs"))
+        with deadline:
+            while not (x.registered and y.registered):
+                gevent.sleep(0.01)
+        host, port = a.addresses[0]
+        x.links[0].backoff.base = x.links[0].backoff.cap = 60  # X will not be back on A in this test
+        a.stop(timeout=1)
+        with wired_glb(glb={"listen": f"{host}:{port}"}) as restarted:
+            with gevent.Timeout(10, AssertionError("y did not register with the restarted glb")):
+                while y.links[0].registrations < 2 or restarted.registry.get("y") is None:
+                    gevent.sleep(0.01)
+            assert restarted.registry.get("x") is None  # A lacks X; B holds both
+            assert y.broadcast("to everyone")
+            assert got.get(timeout=5).payload == "to everyone"

@@ -289,7 +289,7 @@ def test_hash_without_any_key_picks_at_random():
         == {"a", "b", "c"}
 
 
-def test_hash_ring_rebuilt_only_when_the_set_changes():
+def test_hash_ring_rebuilt_only_when_a_member_joins():
     registry, (a, b, c) = pool("a", "b", "c")
     p = policy("hash")
     p.pick(registry.candidates(), PickRequest("1.1.1.1"))
@@ -302,9 +302,12 @@ def test_hash_ring_rebuilt_only_when_the_set_changes():
     assert p._points is ring
     p.pick((c, b, a), PickRequest("1.1.1.3"))  # another object, same set: no rebuild
     assert p._points is ring
-    registry.drain("a")
-    p.pick(registry.candidates(), PickRequest("1.1.1.4"))
-    assert p._points is not ring and len(p._points) == 2 * 160
+    registry.drain("a")  # out of the candidates: walked past, its points kept
+    assert p.pick(registry.candidates(), PickRequest("1.1.1.4")) is not a
+    assert p._points is ring
+    registry.add_static("d", "ws://10.0.0.9:8000")  # a new member: the ring is rebuilt
+    p.pick(registry.candidates(), PickRequest("1.1.1.5"))
+    assert p._points is not ring and len(p._points) == 4 * 160
 
 
 def test_hash_returns_the_current_object_for_a_reregistered_guid():
@@ -359,3 +362,38 @@ def test_hash_accepts_an_environ_as_request():
     assert p.pick(registry.candidates(), environ) is p.pick(
         registry.candidates(), PickRequest("9.9.9.9", {}, {"room": "lobby"}))
 
+
+
+def test_hash_ring_is_not_rebuilt_when_a_backend_flips_between_full_and_not_full():
+    registry, (a, b, c) = pool("a", "b", "c", weights=[100, 100, 100])
+    a.max_clients = 1
+    p = policy("hash")
+    requests = keys(300)
+    p.pick(registry.candidates(), requests[0])
+    ring = p._points
+    for _ in range(20):
+        registry.session_started(a)  # full: out of the candidates
+        while_full = [p.pick(registry.candidates(), r) for r in requests]
+        assert a not in while_full
+        registry.session_ended(a)  # back
+        p.pick(registry.candidates(), requests[0])
+    assert p._points is ring  # the same ring all along: no 48,000-point rebuild per flip
+    # ... and the picks are those of a ring built from scratch for the same candidates
+    registry.session_started(a)
+    fresh = policy("hash")
+    assert [p.pick(registry.candidates(), r) for r in requests] == \
+        [fresh.pick(registry.candidates(), r) for r in requests]
+    registry.session_ended(a)
+    fresh = policy("hash")
+    assert [p.pick(registry.candidates(), r) for r in requests] == \
+        [fresh.pick(registry.candidates(), r) for r in requests]
+
+
+def test_hash_ring_drops_absent_backends_once_they_outnumber_present_ones():
+    registry, backends = pool("a", "b", "c", "d", "e")
+    p = policy("hash")
+    p.pick(registry.candidates(), keys(1)[0])
+    for guid in ("b", "c", "d"):
+        registry.remove(guid)
+        p.pick(registry.candidates(), keys(1)[0])
+    assert set(p._owners) == {"a", "e"}

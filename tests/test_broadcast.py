@@ -226,9 +226,8 @@ def test_draining_backends_get_envelopes_and_not_yet_ready_ones_do_not():
 
 
 def test_a_backend_that_does_not_read_is_closed_1008_without_stalling_the_others(monkeypatch):
-    monkeypatch.setattr(broadcast, "OUTBOX_SIZE", 4)
     monkeypatch.setattr(broadcast, "CLOSE_WAIT", 0.2)  # its write is stuck: no close frame gets through
-    with running_glb() as glb:
+    with running_glb(backends={"max_outbox_bytes": 4 << 20}) as glb:
         seen = Recorder(glb, "server_ready", "error", "server_disconnect")
         sender = register(glb, "sender", 9001, seen)
         other = register(glb, "other", 9002, seen)
@@ -267,18 +266,18 @@ def test_a_backend_that_does_not_read_is_closed_1008_without_stalling_the_others
 
 # -- glb's own API ------------------------------------------------------------------------------
 
-def test_write_data_to_a_backend_client_id_reaches_only_that_client():
+def test_write_backend_client_reaches_only_that_client():
     with running_glb() as glb:
         seen, (a, b) = demo_pair(glb)
         with started(a, b):
             seen.wait("server_ready", count=2)
             a1, a2, b1 = demo_client(a), demo_client(a), demo_client(b)
-            assert glb.write_data("A-1", "just you") == 2  # an envelope to both ready backends
+            assert glb.write_backend_client("A-1", "just you") == 2  # an envelope to both ready backends
             assert glb.broadcast("marker") == 2
             assert a1.recv() == "just you" and a1.recv() == "marker"
             assert a2.recv() == "marker" and b1.recv() == "marker"  # "just you" would have come first
 
-            assert glb.write_data("B-1", b"\x00bytes") == 2  # a binary envelope with that target
+            assert glb.write_backend_client("B-1", b"\x00bytes") == 2  # a binary envelope with that target
             glb.broadcast(b"\x01marker")
             assert b1.recv() == b"\x00bytes" and b1.recv() == b"\x01marker"
             assert a1.recv() == b"\x01marker" and a2.recv() == b"\x01marker"
@@ -328,9 +327,7 @@ def test_write_data_to_glbs_own_connections():
 
         relayed.close()
         seen.wait("disconnect", match=lambda e: e.connection is session)
-        # No longer glb's: the id is taken for a backend's client, addressed through the backends.
-        assert glb.write_data(session.id, "gone") == 1
-        assert received(control) == records.encode_text_envelope("gone", guid=session.id)
+        assert glb.write_data(session.id, "gone") == 0  # no longer open, and never a backend's client
         echo.close()
         control.close()
 
@@ -465,3 +462,34 @@ def test_a_demo_backend_without_glb_broadcasts_to_its_own_clients():
         one.send("broadcast:local")
         assert one.recv() == "local" and two.recv() == "local"
         close_all(one, two)
+
+
+def test_a_backend_client_id_that_looks_like_a_glb_id_never_diverts_glbs_messages():
+    with running_glb() as glb:
+        seen = Recorder(glb, "server_ready", "connect")
+        echo = ws_connect(base_url(glb) + "/glb/echo")
+        own = seen.wait("connect", match=lambda e: e.connection.path == "/glb/echo")[0].connection
+        control = register(glb, "c", 9001, seen, clients=[own.id])  # reports a client named like glb's
+        assert glb.write_backend_client(own.id, "to the backend's client") == 1
+        assert received(control) == records.encode_text_envelope("to the backend's client", guid=own.id)
+        assert glb.write_data(own.id, "to glb's echo client") == 1
+        assert echo.recv() == "to glb's echo client"
+        echo.send("marker")  # nothing else reached the echo client in between
+        assert echo.recv() == "marker"
+        echo.close()
+        control.close()
+
+
+def test_the_outbox_of_a_stuck_channel_is_bounded_in_bytes_not_frames(monkeypatch):
+    monkeypatch.setattr(broadcast, "CLOSE_WAIT", 0.2)
+    with running_glb() as glb:  # the default bound: 32 MiB
+        seen = Recorder(glb, "server_ready", "server_disconnect")
+        stuck = register(glb, "stuck", 9003, seen)  # never reads
+        outbox = glb.control_channels["stuck"].outbox
+        payload = "x" * (1 << 20)
+        taken = [glb.broadcast(payload) for _ in range(64)]  # 64 MiB, queued before the writer runs
+        assert taken[:31] == [1] * 31 and taken[-1] == 0  # 31 fit (each a little over 1 MiB); not 64
+        assert outbox.queued_bytes <= 32 << 20
+        gone = seen.wait("server_disconnect", timeout=10)[0]
+        assert gone.backend.guid == "stuck" and gone.code == CloseCode.POLICY_VIOLATION
+        stuck.abort()

@@ -83,7 +83,7 @@ def test_runs_logs_listener_and_stops_cleanly_on_sigterm(tmp_path):
         assert proc.wait(timeout=20) == 0
         rest = proc.stderr.read()
         assert "stopped" in rest
-        assert re.search(r"c\d+ 127\.0\.0\.1 own ws /glb/echo", "".join(lines) + rest)
+        assert re.search(r"c\d+ 127\.0\.0\.1:\d+ own /glb/echo .*code=1001", "".join(lines) + rest)
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -473,3 +473,96 @@ def test_channels_still_open_when_glb_stops_get_server_disconnect():
 def test_binding_json_is_plain_json():
     body = json.dumps(records.binding_json(records.Binding("::1", 80)))
     assert json.loads(body)["host"] == "::1"
+
+
+# -- one backend cannot hold glb: fairness and caps ---------------------------------------------------
+
+FLOOD_RECORDS = 60000
+
+
+@pytest.mark.timeout(90)
+def test_a_control_channel_flood_does_not_stall_other_sessions():
+    """A separate process floods a control channel with client records in 64 KiB writes; an echo
+    canary completes its round trips while the flood is still being processed."""
+    import subprocess
+    import sys
+
+    with wired_glb() as glb:
+        canary = ws_connect(base_url(glb) + "/glb/echo")
+        host, port = glb.addresses[0]
+        flood = subprocess.Popen([sys.executable, "-m", "tests.control_flood", host, str(port),
+                                  str(FLOOD_RECORDS)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        try:
+            def reported():
+                backend = glb.registry.get("flood")
+                return len(backend.reported_clients) if backend is not None else 0
+            with gevent.Timeout(30, AssertionError("the flood never started")):
+                while reported() == 0:
+                    gevent.sleep(0.001)
+            first = reported()
+            for index in range(20):
+                canary.send(f"ping {index}")
+                assert canary.recv() == f"ping {index}"
+            during = reported() - first
+            # The canary was answered while the flood went on, and often: each round trip took
+            # a few turns of the hub, each turn at most a few hundred records of the flood.
+            assert reported() < FLOOD_RECORDS
+            assert during < 20 * 1000, f"{during} records processed during 20 round trips"
+            with gevent.Timeout(60, AssertionError("the flood was not processed in time")):
+                while reported() < FLOOD_RECORDS:
+                    gevent.sleep(0.01)
+            canary.close()
+        finally:
+            flood.stdin.close()
+            flood.wait(timeout=10)
+
+
+def test_client_records_beyond_max_clients_reported_are_dropped_with_one_error():
+    with wired_glb(backends={"max_clients_reported": "3"}) as glb:
+        seen = Recorder(glb, "server_ready", "error")
+        ws = register(glb, "b1", 9001, seen, clients=[f"c{i}" for i in range(6)])
+        backend = glb.registry.get("b1")
+        assert sorted(backend.reported_clients) == ["c0", "c1", "c2"]
+        assert backend.state == READY  # still in the pool
+        errors = seen.of("error")
+        assert len(errors) == 1 and "max_clients_reported" in errors[0].error
+        ws.send(records.encode_client(False, "c0"))
+        ws.send(records.encode_client(True, "c9"))  # room again
+        ws.send(records.encode_client(True, "c10"))
+        with gevent.Timeout(5):
+            while "c9" not in backend.reported_clients:
+                gevent.sleep(0.01)
+        assert sorted(backend.reported_clients) == ["c1", "c2", "c9"]
+        ws.close()
+
+
+def test_bindings_beyond_max_bindings_close_the_channel_with_1008():
+    with wired_glb(backends={"max_bindings": "2"}) as glb:
+        seen = Recorder(glb, "error")
+        ws = open_channel(glb)
+        ws.send(records.encode_server_data("b1"))
+        for port in (9001, 9002, 9003):
+            ws.send(records.encode_binding("127.0.0.1", port))
+        code, reason = closed_with(ws)
+        assert code == CloseCode.POLICY_VIOLATION and "max_bindings" in reason
+        assert glb.registry.get("b1") is None
+
+
+def test_a_channel_glb_closes_leaves_the_pool_at_once_so_its_guid_can_register_again():
+    with wired_glb(glb={"max_message_size": "1024"}) as glb:
+        seen = Recorder(glb, "server_ready")
+        old = register(glb, "b1", 9001, seen)
+        old.send("x" * 2048)  # over max_message_size: glb closes with 1009
+        # Read glb's close frame off the socket without answering it or closing TCP (a backend
+        # that is slow to let go): glb now waits for our EOF before it closes its side.
+        head = old.sock.recv(4)
+        assert head[0] == 0x88 and int.from_bytes(head[2:4], "big") == CloseCode.MESSAGE_TOO_BIG
+        again = open_channel(glb)
+        again.send(records.encode_server_data("b1"))
+        again.send(records.encode_binding("127.0.0.1", 9002))
+        again.send(records.READY)
+        ready = seen.wait("server_ready", count=2)[1]
+        assert ready.backend.guid == "b1" and ready.backend.bindings[0].port == 9002
+        assert not again.closed
+        again.close()
+        old.sock.close()

@@ -259,3 +259,13 @@ def test_server_data_http_empty_means_no_http():
     assert record.http == ""
     assert json.loads(encode_record(record))["http"] == ""
     assert parse_record(frame(method=SERVER_DATA, guid="g", http=None)).http is None
+
+
+def test_drain_records_round_trip_and_check_their_spread():
+    from glb.control_records import DRAIN, Drain, Undrain, encode_record, parse_record
+    assert parse_record(encode_record(Drain(10))) == Drain(10)
+    assert parse_record(encode_record(Drain())) == Drain(None)
+    assert parse_record(encode_record(Undrain())) == Undrain()
+    for bad in ('"10"', "-1", "true", "1e9"):
+        with pytest.raises(RecordError, match="spread"):
+            parse_record(f'{{"method":"{DRAIN}","spread":{bad}}}')

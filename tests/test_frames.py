@@ -398,3 +398,21 @@ def test_incremental_decoder_is_what_fails_fast():
     decoder = codecs.getincrementaldecoder("utf-8")()
     with pytest.raises(UnicodeDecodeError):
         decoder.decode(b"\xf4\x90", False)
+
+
+def test_scanner_counts_messages_and_bytes_at_every_split():
+    # STREAM holds three messages (two text, one fragmented binary) besides control frames;
+    # a run of small whole messages takes the scanner's fast path.
+    small = b"".join(frame(OP_TEXT, b"hi") for _ in range(5))
+    stream = small + STREAM
+    for chunks in [[stream]] + list(splits(stream))[::7]:
+        scanner, _, _ = scan(chunks)
+        assert (scanner.messages, scanner.bytes_seen) == (8, len(stream)), [len(c) for c in chunks]
+
+
+def test_reader_counts_messages():
+    reader = FrameReader(1 << 20, expect_masked=True)
+    reader.feed(STREAM)
+    while reader.next_frame() is not None:
+        pass
+    assert reader.messages == 3

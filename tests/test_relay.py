@@ -5,6 +5,8 @@ import struct
 
 import gevent
 import gevent.event
+import gevent.queue
+import gevent.server
 import pytest
 import websocket
 
@@ -488,3 +490,115 @@ def test_raw_socket_garbage_after_handshake_does_not_disturb_others():
         assert good.recv() == "fine"
         good.close()
         bad.close()
+
+
+# -- failures while pairing ----------------------------------------------------
+
+def wait_until(condition, seconds=5):
+    """Poll ``condition`` until it holds; fail the test after ``seconds``."""
+    with gevent.Timeout(seconds, AssertionError("condition not met in time")):
+        while not condition():
+            gevent.sleep(0.01)
+
+
+def test_a_bad_handshake_header_from_a_handler_refuses_the_upgrade_and_frees_the_backend():
+    closes = gevent.queue.Queue()
+    backend = ScriptedBackend(recording_close(closes))
+    with started(backend), pool(backend) as glb:
+        glb.registry.get("b0").max_clients = 1
+
+        def bad_header(event):
+            event.response_headers["X-Snowman"] = "\u2603"  # not Latin-1: cannot go in a 101
+        glb.bus.add_handler("handshake", bad_header, origin="test")
+        errors, _ = recorder(glb, "error")
+        for _ in range(3):  # with a leaked slot the second attempt would find the backend full
+            with pytest.raises(websocket.WebSocketBadStatusException) as refused:
+                ws_connect(base_url(glb) + "/")
+            assert refused.value.status_code == 500
+            assert closes.get(timeout=5) == (CloseCode.GOING_AWAY, "client went away")
+        assert glb.registry.get("b0").relayed == 0
+        assert any("X-Snowman" in event.error for event in errors)
+
+
+def test_a_header_name_or_value_with_cr_lf_from_a_handler_is_refused():
+    backend = ScriptedBackend()
+    with started(backend), pool(backend) as glb:
+        def split_header(event):
+            event.response_headers["X-Ok"] = "1\r\nX-Injected: yes"
+        glb.bus.add_handler("handshake", split_header, origin="test")
+        with pytest.raises(websocket.WebSocketBadStatusException) as refused:
+            ws_connect(base_url(glb) + "/")
+        assert refused.value.status_code == 500
+        wait_until(lambda: glb.registry.get("b0").relayed == 0)
+
+
+class RawBackend:
+    """A TCP server that answers every connection with fixed bytes, then reads until EOF."""
+
+    def __init__(self, answer):
+        self.answer = answer
+        self.closed = gevent.event.Event()  # set when glb closes a connection
+        self.server = gevent.server.StreamServer(("127.0.0.1", 0), self.serve)
+
+    def serve(self, sock, address):
+        sock.recv(65536)
+        sock.sendall(self.answer)
+        while sock.recv(65536):
+            pass
+        self.closed.set()
+
+    def static_section(self):
+        return {"url": f"ws://127.0.0.1:{self.server.address[1]}"}
+
+    def start(self):
+        self.server.start()
+
+    def stop(self, timeout=1):
+        self.server.stop(timeout=timeout)
+
+
+@pytest.mark.parametrize("answer", [
+    b"HTTP/1.1 4\xb23 Weird\r\nContent-Length: 0\r\n\r\n",  # superscript two: isdigit() but not int()
+    b"HTTP/1.1 403 Forbidden\r\nContent-Length: 1\xb2\r\n\r\nx",
+    b"HTTP/1.1 40 Short\r\n\r\n",
+    b"HTTP/1.1 +403 Signed\r\n\r\n",
+])
+def test_a_malformed_backend_answer_is_a_failed_backend_and_the_next_one_is_tried(answer):
+    bad, good = RawBackend(answer), ScriptedBackend()
+    with started(bad, good), running_glb(**{"glb": {"balancing": "round_robin"},
+                                            "backend:a": bad.static_section(),
+                                            "backend:b": good.static_section()}) as glb:
+        errors, _ = recorder(glb, "error")
+        ws = ws_connect(base_url(glb) + "/")  # round robin starts with "a", the bad one
+        ws.send("x")
+        assert ws.recv() == "x"
+        ws.close()
+        assert bad.closed.wait(5)  # glb let go of the bad backend's socket
+        assert any("unreachable" in event.error or "malformed" in event.error for event in errors)
+
+
+def test_a_malformed_backend_answer_alone_gives_502():
+    bad = RawBackend(b"HTTP/1.1 4\xb23 Weird\r\n\r\n")
+    with started(bad), running_glb(**{"backend:a": bad.static_section()}) as glb:
+        with pytest.raises(websocket.WebSocketBadStatusException) as refused:
+            ws_connect(base_url(glb) + "/")
+        assert refused.value.status_code == 502
+
+
+def test_a_session_streaming_to_a_client_that_does_not_read_ends_as_a_slow_reader_not_idle():
+    def flood(ws, environ):
+        try:
+            for _ in range(4000):  # 256 MiB at most: more than any socket buffer holds
+                ws.send(b"x" * 65536)
+        except Exception:
+            return
+    backend = ScriptedBackend(flood)
+    settings = {"idle_timeout": "0.2", "send_timeout": "1.5", "ping_interval": "0"}
+    with started(backend), pool(backend, glb=settings) as glb:
+        disconnects, done = recorder(glb, "client_disconnect")
+        stalled = ws_connect(base_url(glb) + "/")  # never reads
+        assert done.wait(10)
+        event = disconnects[0]
+        assert (event.code, event.closed_by) == (CloseCode.POLICY_VIOLATION, "glb"), event.reason
+        assert "slow reader" in event.reason
+        stalled.sock.close()

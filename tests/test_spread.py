@@ -16,6 +16,14 @@ def test_delays_fall_inside_the_window_sorted_and_spread():
     assert min(per_second) > 60 and max(per_second) < 140
 
 
+def test_paced_delays_give_each_slot_exactly_one():
+    delays = spread_delays(100, 5.0, random.Random(3), paced=True)  # a rate of 20 per second
+    assert delays == sorted(delays)
+    assert [int(d / 0.05) for d in delays] == list(range(100))  # one in each 1/20 s slot
+    per_second = [sum(1 for d in delays if s <= d < s + 1) for s in range(5)]
+    assert per_second == [20] * 5
+
+
 def test_no_window_closes_at_once():
     assert spread_delays(3, 0) == [0.0, 0.0, 0.0]
 
