@@ -15,6 +15,8 @@ setup(
         "gevent-websocket==0.10.1",
         "requests>=2.31",
         "blinker>=1.7",
+        "httptools>=0.6",
+        "urllib3>=2",
         "prometheus_client>=0.20",
     ],
     entry_points={"console_scripts": ["glb = glb.__main__:main", "glb-ctl = glb.ctl:main"]},

@@ -1,147 +1,128 @@
-"""Plain HTTP through glb vs. direct: requests/s, glb CPU per request, backend connections.
+"""Plain HTTP through glb, nginx and HAProxy, and direct, in one run: requests/s and CPU per request.
 
 One run starts, all on 127.0.0.1 and each stopped at the end:
 
-- a small gevent WSGI backend (a child process) that answers GET with ``--size`` bytes
-  and counts the TCP connections it accepted (read from a separate stats port);
-- glb as ``python -m glb`` (a child process) with a temporary config that lists the
-  backend statically and loads no handler modules;
-- a load client: ``wrk`` when installed (``--client auto``), else a gevent client in
-  this process, ``--concurrency`` keep-alive connections, each sending a request and
-  reading the response before the next.
+- the backend: nginx serving a static ``--size`` byte file (1 KiB by default);
+- the proxies in front of it, each with keep-alive connections to the backend:
+  nginx (``proxy_pass`` to an upstream with ``keepalive``), HAProxy (``http-reuse
+  always``) when installed, and glb (``python -m glb`` with a temporary config);
+- the load: ``wrk -t1 -c16`` with keep-alive, ``--seconds`` per target, against the
+  backend directly, then each proxy.
 
-The client runs ``--seconds`` against the backend directly, then the same against glb.
-glb's CPU time comes from /proc/PID/stat (utime + stime) around the glb phase. Every
-phase is bounded by time and by ``--max-requests``; the whole run by ``--deadline``.
+Each proxy's CPU time is read from /proc (utime + stime of its processes) around
+its phase and divided by the requests wrk completed. ``--glb-src DIR`` runs glb
+from another checkout (a "before" run: ``git archive main | tar -x -C DIR``).
 
-    python bench/http_bench.py                     # ~15 s
-    python bench/http_bench.py --seconds 3 --size 65536 --client python
+    python bench/http_bench.py                          # ~30 s
+    python bench/http_bench.py --seconds 10 --glb-src /tmp/glb-main
 """
 import argparse
-import json
 import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
+import textwrap
 import time
 
-from _common import cpu_delta, cpu_times, http_get, start_glb, stop, temp_dir
+from _common import (REPO, free_port, process_tree, stop, temp_dir, tree_cpu, wait_for_port, wait_quiet,
+                     write_glb_config)
+
+NGINX_TEMP = "".join(f"{name}_temp_path {{tmp}}/{name};\n" for name in
+                     ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
 
 
-# --------------------------------------------------------------------------- backend (child)
+def nginx_conf(tmp, port, body):
+    """An nginx config (one process) whose server block is ``body``."""
+    temp = NGINX_TEMP.format(tmp=tmp)
+    return textwrap.dedent(f"""\
+        daemon off;
+        master_process off;
+        worker_processes 1;
+        error_log {tmp}/error-{port}.log warn;
+        pid {tmp}/nginx-{port}.pid;
+        events {{ worker_connections 4096; }}
+        http {{
+            access_log off;
+            keepalive_requests 10000000;
+            {temp}
+            {body}
+        }}
+        """)
 
 
-def serve_backend(size):
-    """The backend child: prints "PORT STATS_PORT", serves until SIGTERM."""
-    from gevent import monkey
-
-    monkey.patch_all()
-    import gevent
-    from gevent.pywsgi import WSGIServer
-
-    counts = {"accepted": 0, "requests": 0}
-    body = b"x" * size
-
-    class CountingServer(WSGIServer):
-        def handle(self, sock, address):
-            counts["accepted"] += 1
-            # pywsgi writes the head and the body separately; without this, Nagle holds the
-            # body until the peer's delayed ACK (~40 ms a request) and measures nothing else.
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            return super().handle(sock, address)
-
-    def app(environ, start_response):
-        counts["requests"] += 1
-        environ["wsgi.input"].read()
-        start_response("200 OK", [("Content-Type", "application/octet-stream"),
-                                  ("Content-Length", str(len(body)))])
-        return [body]
-
-    def stats(environ, start_response):
-        data = json.dumps(counts).encode()
-        start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(data)))])
-        return [data]
-
-    server = CountingServer(("127.0.0.1", 0), app, log=None, backlog=1024)
-    stats_server = WSGIServer(("127.0.0.1", 0), stats, log=None)
-    server.start()
-    stats_server.start()
-    print(server.server_port, stats_server.server_port, flush=True)
-    gevent.signal_handler(signal.SIGTERM, lambda: (server.stop(timeout=0), stats_server.stop(timeout=0)))
-    server.serve_forever()
+def start_nginx(tmp, port, body, deadline):
+    path = os.path.join(tmp, f"nginx-{port}.conf")
+    with open(path, "w") as f:
+        f.write(nginx_conf(tmp, port, body))
+    proc = subprocess.Popen(["nginx", "-c", path, "-p", tmp], stderr=subprocess.DEVNULL)
+    wait_for_port(port, deadline, proc)
+    return proc
 
 
-# --------------------------------------------------------------------------- helpers
+def start_backend(tmp, size, deadline):
+    www = os.path.join(tmp, "www")
+    os.makedirs(www, exist_ok=True)
+    with open(os.path.join(www, "bench"), "wb") as f:
+        f.write(b"x" * size)
+    port = free_port()
+    body = f"server {{ listen 127.0.0.1:{port}; location / {{ root {www}; }} }}"
+    return start_nginx(tmp, port, body, deadline), port
 
 
-def per_request(times, count):
-    """"U us/request (user A + system B)" for (user, system) seconds over ``count`` requests."""
-    count = max(count, 1)
-    user, system = times
-    return (f"{(user + system) / count * 1e6:.0f} us/request "
-            f"(user {user / count * 1e6:.0f} + system {system / count * 1e6:.0f})")
+def start_nginx_proxy(tmp, backend_port, deadline):
+    port = free_port()
+    body = textwrap.dedent(f"""\
+        upstream backend {{ server 127.0.0.1:{backend_port}; keepalive 64; }}
+        server {{
+            listen 127.0.0.1:{port};
+            location / {{
+                proxy_pass http://backend;
+                proxy_http_version 1.1;
+                proxy_set_header Connection "";
+            }}
+        }}""")
+    return start_nginx(tmp, port, body, deadline), port
 
 
-def backend_stats(stats_port):
-    data = http_get(stats_port, "/", "stats", timeout=5)
-    return json.loads(data.split(b"\r\n\r\n", 1)[1])
+def start_haproxy(tmp, backend_port, deadline):
+    port = free_port()
+    path = os.path.join(tmp, "haproxy.cfg")
+    with open(path, "w") as f:
+        f.write(textwrap.dedent(f"""\
+            global
+                nbthread 1
+                maxconn 4096
+            defaults
+                mode http
+                timeout connect 5s
+                timeout client 30s
+                timeout server 30s
+                http-reuse always
+            frontend fe
+                bind 127.0.0.1:{port}
+                default_backend be
+            backend be
+                server s1 127.0.0.1:{backend_port}
+            """))
+    proc = subprocess.Popen(["haproxy", "-f", path, "-db"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_port(port, deadline, proc)
+    return proc, port
 
 
-# --------------------------------------------------------------------------- load clients
+def start_glb(tmp, backend_port, src, deadline):
+    port = free_port()
+    config = write_glb_config(tmp, port, backend_port)
+    env = dict(os.environ, PYTHONPATH=src)
+    proc = subprocess.Popen([sys.executable, "-m", "glb", config], cwd=tmp, env=env)
+    wait_for_port(port, deadline, proc)
+    return proc, port
 
 
-def python_client(port, seconds, concurrency, max_requests):
-    """(requests completed, elapsed seconds, errors): gevent, raw keep-alive sockets."""
-    import gevent
-
-    request = f"GET /bench HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()
-    state = {"done": 0, "errors": 0}
-    stop_at = time.monotonic() + seconds
-
-    def worker():
-        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        buffer = b""
-        try:
-            while time.monotonic() < stop_at and state["done"] < max_requests:
-                sock.sendall(request)
-                while b"\r\n\r\n" not in buffer:
-                    chunk = sock.recv(262144)
-                    if not chunk:
-                        raise ConnectionError("server closed")
-                    buffer += chunk
-                head, buffer = buffer.split(b"\r\n\r\n", 1)
-                match = re.search(rb"(?i)\r\ncontent-length:\s*(\d+)", head)
-                if not head.startswith(b"HTTP/1.1 200") or not match:
-                    raise ValueError(f"unexpected response head: {head[:200]!r}")
-                length = int(match.group(1))
-                while len(buffer) < length:
-                    chunk = sock.recv(262144)
-                    if not chunk:
-                        raise ConnectionError("server closed mid-body")
-                    buffer += chunk
-                buffer = buffer[length:]
-                state["done"] += 1
-        except (OSError, ValueError) as exc:
-            state["errors"] += 1
-            print(f"  client error: {exc}", file=sys.stderr)
-        finally:
-            sock.close()
-
-    started = time.monotonic()
-    workers = [gevent.spawn(worker) for _ in range(concurrency)]
-    gevent.joinall(workers, timeout=seconds + 15)
-    gevent.killall(workers, timeout=2)
-    return state["done"], time.monotonic() - started, state["errors"]
-
-
-def wrk_client(port, seconds, concurrency, max_requests):
+def wrk(port, seconds, connections):
     """(requests completed, elapsed seconds, errors) from wrk's report."""
-    threads = max(1, min(2, concurrency))
-    out = subprocess.run(["wrk", f"-t{threads}", f"-c{concurrency}", f"-d{max(1, round(seconds))}s",
+    out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s",
                           f"http://127.0.0.1:{port}/bench"],
                          capture_output=True, text=True, timeout=seconds + 30).stdout
     done = re.search(r"(\d+) requests in ([\d.]+)(\w+)", out)
@@ -155,73 +136,64 @@ def wrk_client(port, seconds, concurrency, max_requests):
     return int(done.group(1)), float(done.group(2)) * unit, count
 
 
-# --------------------------------------------------------------------------- the run
+def measure(name, port, pids, seconds, connections):
+    """One phase: warm up, then wrk while the proxy's CPU is read; a result row."""
+    wrk(port, 1, 4)  # warm-up: imports, first pooled connections
+    wait_quiet(pids)
+    before = tree_cpu(pids)
+    done, took, errors = wrk(port, seconds, connections)
+    user, system = (a - b for a, b in zip(tree_cpu(pids), before))
+    return {"name": name, "rps": done / took, "done": done, "errors": errors,
+            "cpu_us": (user + system) / max(done, 1) * 1e6 if pids else None}
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=5, help="length of each phase (default 5)")
-    parser.add_argument("--concurrency", type=int, default=16, help="client connections (default 16)")
+    parser.add_argument("--connections", type=int, default=16, help="wrk connections (default 16)")
     parser.add_argument("--size", type=int, default=1024, help="response body bytes (default 1024)")
-    parser.add_argument("--max-requests", type=int, default=500000, help="most requests per phase")
-    parser.add_argument("--client", choices=("auto", "python", "wrk"), default="auto")
-    parser.add_argument("--deadline", type=float, default=90, help="whole run, seconds (default 90)")
-    parser.add_argument("--serve-backend", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--glb-src", default=REPO, help="the checkout glb runs from (default: this one)")
+    parser.add_argument("--deadline", type=float, default=180, help="whole run, seconds (default 180)")
     args = parser.parse_args(argv)
-    if args.serve_backend:
-        return serve_backend(args.size)
-
-    from gevent import monkey
-
-    monkey.patch_all()
-    client_name = args.client
-    if client_name == "auto":
-        client_name = "wrk" if shutil.which("wrk") else "python"
-    client = wrk_client if client_name == "wrk" else python_client
+    for tool in ("nginx", "wrk"):
+        if not shutil.which(tool):
+            sys.exit(f"bench: {tool} is not installed")
     deadline = time.monotonic() + args.deadline
     signal.signal(signal.SIGALRM, lambda *_: sys.exit("bench: deadline passed"))
     signal.alarm(int(args.deadline) + 1)
 
-    backend = glb = None
-    tmp = temp_dir("glb-bench-")
+    procs = []
+    tmp = temp_dir("glb-http-bench-")
     try:
-        backend = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve-backend",
-                                    "--size", str(args.size)], stdout=subprocess.PIPE, text=True)
-        port, stats_port = map(int, backend.stdout.readline().split())
-        glb, glb_port = start_glb(sys.executable, tmp, port, deadline)
+        backend, backend_port = start_backend(tmp, args.size, deadline)
+        procs.append(backend)
+        targets = [("direct (nginx static)", backend_port, [])]
+        proxy, port = start_nginx_proxy(tmp, backend_port, deadline)
+        procs.append(proxy)
+        targets.append(("nginx proxy", port, process_tree(proxy.pid)))
+        if shutil.which("haproxy"):
+            proxy, port = start_haproxy(tmp, backend_port, deadline)
+            procs.append(proxy)
+            targets.append(("HAProxy", port, process_tree(proxy.pid)))
+        proxy, port = start_glb(tmp, backend_port, os.path.abspath(args.glb_src), deadline)
+        procs.append(proxy)
+        targets.append(("glb", port, process_tree(proxy.pid)))
 
-        print(f"client={client_name} concurrency={args.concurrency} size={args.size}B "
-              f"seconds={args.seconds:g} cpus={os.cpu_count()}")
-        start = backend_stats(stats_port)
-        client(glb_port, 0.5, min(args.concurrency, 4), 2000)  # warm-up: imports, first pool connections
-
-        before = backend_stats(stats_port)
-        backend_cpu = cpu_times(backend.pid)
-        done_direct, took_direct, errors_direct = client(port, args.seconds, args.concurrency, args.max_requests)
-        backend_cpu = cpu_delta(backend_cpu, cpu_times(backend.pid))
-        middle = backend_stats(stats_port)
-        glb_cpu = cpu_times(glb.pid)
-        done_glb, took_glb, errors_glb = client(glb_port, args.seconds, args.concurrency, args.max_requests)
-        glb_cpu = cpu_delta(glb_cpu, cpu_times(glb.pid))
-        after = backend_stats(stats_port)
-
-        rps_direct, rps_glb = done_direct / took_direct, done_glb / took_glb
-        print(f"direct:      {rps_direct:9.0f} req/s  ({done_direct} requests in {took_direct:.1f}s, "
-              f"{errors_direct} errors, backend accepted {middle['accepted'] - before['accepted']} connections)")
-        print(f"through glb: {rps_glb:9.0f} req/s  ({done_glb} requests in {took_glb:.1f}s, "
-              f"{errors_glb} errors)")
-        print(f"ratio glb/direct: {rps_glb / rps_direct:.2f}")
-        print(f"glb CPU: {sum(glb_cpu):.2f}s for {done_glb} requests = {per_request(glb_cpu, done_glb)}")
-        print(f"for scale, the bare gevent backend, direct: {per_request(backend_cpu, done_direct)}")
-        from_glb = (before["accepted"] - start["accepted"]) + (after["accepted"] - middle["accepted"])
-        served = (before["requests"] - start["requests"]) + (after["requests"] - middle["requests"])
-        print(f"keep-alive pool: the backend accepted {from_glb} TCP connections from glb for "
-              f"{served} requests (warm-up included; {after['accepted'] - middle['accepted']} "
-              f"new during the measured phase)")
-        return 0 if not (errors_direct or errors_glb) else 1
+        print(f"wrk -t1 -c{args.connections} -d{args.seconds:g}s, keep-alive, {args.size} B static body, "
+              f"cpus={os.cpu_count()}, glb from {os.path.abspath(args.glb_src)}")
+        rows = [measure(name, port, pids, args.seconds, args.connections) for name, port, pids in targets]
+        nginx_cpu = next(row["cpu_us"] for row in rows if row["name"] == "nginx proxy")
+        nginx_rps = next(row["rps"] for row in rows if row["name"] == "nginx proxy")
+        print(f"{'target':<24}{'req/s':>10}{'CPU us/req':>12}{'x nginx CPU':>13}{'% nginx req/s':>15}{'errors':>8}")
+        for row in rows:
+            cpu = f"{row['cpu_us']:.1f}" if row["cpu_us"] is not None else "-"
+            ratio = f"{row['cpu_us'] / nginx_cpu:.1f}" if row["cpu_us"] is not None else "-"
+            print(f"{row['name']:<24}{row['rps']:>10.0f}{cpu:>12}{ratio:>13}"
+                  f"{row['rps'] / nginx_rps * 100:>14.0f}%{row['errors']:>8}")
+        return 0 if not any(row["errors"] for row in rows) else 1
     finally:
-        stop(glb)
-        stop(backend)
+        for proc in reversed(procs):
+            stop(proc)
         shutil.rmtree(tmp, ignore_errors=True)
         signal.alarm(0)
 

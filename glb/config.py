@@ -417,7 +417,7 @@ SETTINGS = (
     Setting("glb", "protocols", List(Choice("websocket", "http"), min_items=1), "websocket, http",
             "What clients may do: WebSocket sessions, plain HTTP requests, or both."),
     Setting("glb", "handshake_timeout", Seconds(positive=True), "10",
-            "Time a client or backend gets to complete a WebSocket handshake."),
+            "Time a client gets to send a whole request head (and a backend to complete a WebSocket handshake)."),
     Setting("glb", "idle_timeout", Seconds(), "0",
             "Close sessions with no traffic either way for this long (0 = never)."),
     Setting("glb", "ping_interval", Seconds(), "30",
@@ -509,11 +509,17 @@ SETTINGS = (
     Setting("http", "connect_timeout", Seconds(positive=True), "5",
             "Time to connect to a backend for an HTTP request."),
     Setting("http", "read_timeout", Seconds(positive=True), "60",
-            "Time to wait for each read of a backend's response."),
+            "Time to wait for each read of a backend's response or of a client's request body."),
     Setting("http", "pool_connections", Int(min=1), "10",
-            "Backends whose connection pools are kept."),
+            "Backend addresses whose keep-alive connections are kept (the least recently used beyond)."),
     Setting("http", "pool_maxsize", Int(min=1), "100",
-            "Idle connections kept per backend for reuse."),
+            "Idle keep-alive connections kept per backend for reuse."),
+    Setting("http", "pool_idle_timeout", Seconds(positive=True), "30",
+            "Close a pooled backend connection unused for this long."),
+    Setting("http", "keepalive_timeout", Seconds(positive=True), "60",
+            "Close a client connection that sends no next request for this long."),
+    Setting("http", "max_head_size", Int(min=1024), "16384",
+            "Largest request or response head in bytes: 414 (request line) or 431 beyond it."),
     Setting("http", "host_header", Choice("client", "backend"), "client",
             "Host header the backend sees: the one the client sent, or the backend's own host."),
     Setting("http", "retries", Int(min=0), "2",
@@ -590,6 +596,11 @@ del _setting
 REBALANCE_POLICIES = ("least_connections", "p2c")
 
 
+def rebalance_policy_reason(balancing):
+    return (f"needs balancing = {' or '.join(REBALANCE_POLICIES)}: with {balancing}, "
+            "moved clients would not be sent to the emptier backends")
+
+
 def cross_checks(settings):
     """Problems no single value shows, as (section, key, reason); the first one found is raised."""
     tls, backends = settings.tls, settings.backends
@@ -624,8 +635,7 @@ def cross_checks(settings):
             except (ssl.SSLError, OSError) as exc:
                 yield section, "cafile", f"not a usable CA bundle: {_ssl_reason(exc)}"
     if settings.glb.rebalance and settings.glb.balancing not in REBALANCE_POLICIES:
-        yield "glb", "rebalance", (f"needs balancing = least_connections or p2c: with {settings.glb.balancing}, "
-                                   "moved clients would not be sent to the emptier backends")
+        yield "glb", "rebalance", rebalance_policy_reason(settings.glb.balancing)
     seen_urls = {}
     for backend in settings.backends_static:
         if backend.url in seen_urls:

@@ -28,6 +28,7 @@ import importlib.resources  # noqa: E402
 import itertools  # noqa: E402
 import logging  # noqa: E402
 import signal  # noqa: E402
+import socket  # noqa: E402
 import sys  # noqa: E402
 import uuid  # noqa: E402
 from urllib.parse import parse_qs  # noqa: E402
@@ -36,6 +37,7 @@ import gevent  # noqa: E402
 from gevent.event import Event  # noqa: E402
 from gevent.pool import Group  # noqa: E402
 from gevent.pywsgi import WSGIHandler, WSGIServer  # noqa: E402
+from geventwebsocket.handler import WebSocketHandler  # noqa: E402
 
 from glb import handshake  # noqa: E402
 from glb.agent import Agent, select_clients  # noqa: E402
@@ -43,7 +45,7 @@ from glb.control import SGC_CONTROL_PATH  # noqa: E402
 from glb.control_records import ClientRecord, TextEnvelope  # noqa: E402
 from glb.errors import CloseCode, ConnectionClosed, Status  # noqa: E402
 from glb.frames import OP_BINARY, OP_TEXT, encode_frame  # noqa: E402
-from glb.server import UpgradeHandler, accept_websocket  # noqa: E402
+from glb.server import accept_websocket  # noqa: E402
 
 log = logging.getLogger("glb.demo")
 
@@ -58,8 +60,17 @@ def demo_page():
     return importlib.resources.files("glb").joinpath(PAGE).read_bytes()
 
 
-class DemoHandler(UpgradeHandler):
+class DemoHandler(WebSocketHandler):
     """pywsgi handler: upgrades go to the demo backend, everything else to its WSGI app."""
+
+    def handle(self):
+        if self.socket.family != socket.AF_UNIX:
+            # pywsgi writes headers and body separately: without this, Nagle delays small answers
+            self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        super().handle()
+
+    def log_request(self):
+        pass
 
     def run_application(self):
         if handshake.is_upgrade_request(self.environ):

@@ -56,15 +56,19 @@ class Status:
     FORBIDDEN = "403 Forbidden"
     NOT_FOUND = "404 Not Found"
     METHOD_NOT_ALLOWED = "405 Method Not Allowed"
+    REQUEST_TIMEOUT = "408 Request Timeout"
     CONFLICT = "409 Conflict"
     PAYLOAD_TOO_LARGE = "413 Content Too Large"
+    URI_TOO_LONG = "414 URI Too Long"
     UNSUPPORTED_MEDIA_TYPE = "415 Unsupported Media Type"
     UPGRADE_REQUIRED = "426 Upgrade Required"
     TOO_MANY_REQUESTS = "429 Too Many Requests"
+    HEADERS_TOO_LARGE = "431 Request Header Fields Too Large"
     INTERNAL_ERROR = "500 Internal Server Error"
     BAD_GATEWAY = "502 Bad Gateway"
     SERVICE_UNAVAILABLE = "503 Service Unavailable"
     GATEWAY_TIMEOUT = "504 Gateway Timeout"
+    VERSION_NOT_SUPPORTED = "505 HTTP Version Not Supported"
 
 
 class GlbError(Exception):

@@ -1,70 +1,71 @@
-"""Plain HTTP forwarding: a request that is not an upgrade goes to a backend from the pool.
+"""Plain HTTP forwarding: a request that is not an upgrade goes to a backend over a pooled connection.
 
-``HttpProxy`` is the WSGI app behind ``Balancer.forward_http``. One request is::
+``HttpProxy.exchange`` serves one request head that ``ClientConnection`` read::
 
-    pick a backend (same pool and policy as sessions; None when none is ready)
+    pick a backend (the HTTP candidates: backends that opted out of HTTP never come up)
     -> http_request   handlers may change method/path/query/headers/body/backend, or respond()
-    -> send           one pooled requests HTTPAdapter; connect/reset failures of an idempotent
-                      request try another backend (at most [http] retries more)
+    -> send           the head, then the body as it arrives, on a keep-alive connection from
+                      glb.http_pool; a connect/reset failure of an idempotent request tries
+                      another backend (at most [http] retries more)
     -> http_response  handlers may change status/headers/body; ``error`` is set on failure
-    -> answer         streamed to the client in [http] chunk_size pieces
+    -> answer         the head, then the body streamed piece by piece as it arrives
 
 Rules:
 
-- Failures are answers: no ready backend 503, refused/reset 502, connect or read
-  timeout 504, a client that stops sending its body mid-way 400; each also fires
-  ``error``. Nothing that goes wrong with a backend reaches pywsgi as a traceback.
-- Bodies stream both ways and are never read whole, except when a handler reads
-  ``request.body`` or ``response.body``: that reads up to ``buffer_limit`` bytes;
-  a larger body reads as None and keeps streaming (the prefix already read is
-  sent first). Assigning a body replaces it and fixes Content-Length.
+- Failures are answers: no ready backend 503, refused/reset/malformed answer 502,
+  connect or read timeout 504, a client that stops sending its body mid-way 400;
+  each also fires ``error``. A backend failing mid-body cuts the client off (no
+  terminating chunk, no short body passed off as complete).
+- Bodies are bytes, never decoded, and stream both ways: a request body is sent by
+  a greenlet of the exchange while the response is read, so neither side waits for
+  the other's end. Only a handler reading ``request.body`` or ``response.body``
+  buffers it, up to ``buffer_limit``; a larger body reads as None and keeps
+  streaming (the prefix already read is sent first). Assigning a body replaces it.
+- The path and query go to the backend as the client sent them (``%2F`` stays).
 - Hop-by-hop headers (``HOP_BY_HOP``, ``Proxy-*`` and any named in ``Connection``)
-  are removed both ways; ``X-Forwarded-For`` is appended to, ``X-Forwarded-Proto``
-  and ``X-Forwarded-Host`` are set. Response headers keep duplicates (Set-Cookie)
-  and Content-Encoding bodies pass through undecoded. Redirects are not followed.
-- requests is used below its Session: no cookie jar (one client's cookies would
-  reach the next), no environment proxies, no default headers the client did
-  not send. The Session only owns the mounted adapter.
+  are removed both ways; framing (Content-Length / chunked, trailers included) is
+  glb's own on each side. ``X-Forwarded-For`` is appended to, ``X-Forwarded-Proto``
+  and ``X-Forwarded-Host`` are set. Repeated headers (Set-Cookie) keep each value.
+- ``Expect: 100-continue`` is answered by glb when it starts reading the body;
+  other 1xx answers of the backend reach an HTTP/1.1 client before the final one.
 - ``http_request`` fires before any backend is called; ``http_response`` fires
   once per request that reached this module, including one answered by an
   ``http_request`` handler (``backend`` None then) so access logs see every request.
 
-Limitation: pywsgi hands over PATH_INFO percent-decoded, so the path forwarded
-is that path re-quoted (``%2F`` inside a segment becomes ``/``).
+``requests`` is not used here: it parses, wraps and copies each request several
+times over (its cost was most of a request's). It stays for clients glb makes
+on its own behalf (health checks, tooling).
 """
 
 import errno
 import http
-import http.client
 import logging
+import socket
 import time
-from collections.abc import Mapping
-from urllib.parse import quote, urlsplit
 
-import requests
-import urllib3
-from requests.adapters import HTTPAdapter
-from requests.structures import CaseInsensitiveDict
-from urllib3.util import SKIP_HEADER
+import gevent
+from urllib3 import HTTPHeaderDict
 
-from glb import tls
-from glb.connection import CLIENT, Connection, headers_from_environ
+from glb.balancing import PickRequest, make_policy
+from glb.connection import CLIENT, Connection, Headers
 from glb.errors import Status
+from glb.http_parse import (  # noqa: F401 (HOP_BY_HOP: part of this module's interface)
+    HOP_BY_HOP, NO_BODY_STATUSES, HeadError, LengthBody, UntilCloseBody, body_for, decode_pairs, encode_chunk,
+    encode_head, encode_last_chunk, encode_pairs, encode_raw_head,
+)
+from glb.http_pool import RECV_SIZE, BackendClosed, Pools, backend_ssl_context_factory, send_all
+from glb.http_server import ClientGone
 
 log = logging.getLogger("glb.http")
 
-HOP_BY_HOP = frozenset({
-    "connection", "keep-alive", "te", "trailer", "trailers", "transfer-encoding", "upgrade",
-    "proxy-connection", "proxy-authenticate", "proxy-authorization",
-})
 # Not hop-by-hop, but glb owns them: the length is the body glb sends, and glb
-# itself answers ``Expect: 100-continue`` (pywsgi sends 100 on the first read).
+# itself answers ``Expect: 100-continue``.
 REQUEST_OWN = frozenset({"content-length", "expect"})
 IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS", "TRACE"})
-NO_BODY_STATUSES = frozenset({204, 304})
 BUFFER_LIMIT = 16 * 1024 * 1024  # most a handler may buffer by reading .body
-
-_PATH_SAFE = "/:@!$&'()*+,;=-._~"
+_FORWARDED = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"})
+_REQUEST_DROP = frozenset(name.encode() for name in HOP_BY_HOP | REQUEST_OWN | _FORWARDED)
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})  # an empty body is still said (Content-Length: 0)
 
 
 # --------------------------------------------------------------------------- pure helpers
@@ -88,9 +89,39 @@ def strip_hop_by_hop(headers):
     return [(name, value) for name, value in headers if name.lower() not in drop]
 
 
+def forward_request_headers(raw, peer_ip, scheme, connection_listed=()):
+    """The byte pairs a backend gets: hop-by-hop and glb's own removed, X-Forwarded-* appended/set.
+
+    ``connection_listed``: lower-case names the client listed in Connection (hop-by-hop too).
+    """
+    out, chain, host = [], [], None
+    for pair in raw:
+        lower = pair[0].lower()
+        if lower in _REQUEST_DROP or lower.startswith(b"proxy-") or lower in connection_listed:
+            if lower == b"x-forwarded-for":
+                chain.append(pair[1])
+            continue
+        if lower == b"host":
+            host = pair[1]
+        out.append(pair)
+    if peer_ip:
+        chain.append(peer_ip.encode("latin-1"))
+    if chain:
+        out.append((b"X-Forwarded-For", b", ".join(chain)))
+    out.append((b"X-Forwarded-Proto", scheme.encode("latin-1")))
+    if host:
+        out.append((b"X-Forwarded-Host", host))
+    return out
+
+
 def header_items(headers):
-    """A headers value a handler may have set (mapping or pairs) as a list of str pairs."""
-    items = headers.items() if isinstance(headers, Mapping) else headers
+    """A headers value a handler may have set (mapping, HTTPHeaderDict or pairs) as a list of str pairs."""
+    if isinstance(headers, HTTPHeaderDict):
+        items = headers.iteritems()
+    elif hasattr(headers, "items"):
+        items = headers.items()
+    else:
+        items = headers
     return [(str(name), str(value)) for name, value in items]
 
 
@@ -104,31 +135,15 @@ def status_line(code, reason=None):
     return f"{code} {reason}"
 
 
-def path_from_environ(environ):
-    """The request path, re-quoted from the decoded PATH_INFO pywsgi provides."""
-    path = environ.get("PATH_INFO", "") or "/"
-    return quote(path.encode("latin-1"), safe=_PATH_SAFE)
-
-
-def forwarded_headers(headers, peer_ip, scheme):
-    """Add X-Forwarded-For (appended), X-Forwarded-Proto and X-Forwarded-Host in place."""
-    previous = headers.get("X-Forwarded-For")
-    if peer_ip:
-        headers["X-Forwarded-For"] = f"{previous}, {peer_ip}" if previous else peer_ip
-    headers["X-Forwarded-Proto"] = scheme
-    host = headers.get("Host")
-    if host:
-        headers["X-Forwarded-Host"] = host
-
-
 class Failure:
-    """What went wrong talking to a backend, decided from the exception alone."""
+    """What went wrong talking to a backend (or reading the client's body), decided from the exception."""
 
     CONNECT = "connect"                  # refused or unreachable: never reached the backend
     CONNECT_TIMEOUT = "connect_timeout"  # no connection within connect_timeout
     RESET = "reset"                      # the backend dropped the connection
-    READ_TIMEOUT = "read_timeout"        # no answer (or next chunk) within read_timeout
-    CLIENT = "client"                    # the client stopped sending its body
+    READ_TIMEOUT = "read_timeout"        # no answer (or next piece) within read_timeout
+    BAD_RESPONSE = "bad_response"        # the backend's answer is not valid HTTP/1.1
+    CLIENT = "client"                    # the client stopped sending its body, or broke its framing
     OTHER = "other"
 
     # kind: (status, body, another backend may be tried for an idempotent request)
@@ -137,7 +152,8 @@ class Failure:
         CONNECT_TIMEOUT: (Status.GATEWAY_TIMEOUT, b"gateway timeout: the backend did not accept in time\n", True),
         RESET: (Status.BAD_GATEWAY, b"bad gateway: the backend closed the connection\n", True),
         READ_TIMEOUT: (Status.GATEWAY_TIMEOUT, b"gateway timeout: the backend did not answer in time\n", False),
-        CLIENT: (Status.BAD_REQUEST, b"bad request: the request body ended early\n", False),
+        BAD_RESPONSE: (Status.BAD_GATEWAY, b"bad gateway: the backend's answer was malformed\n", False),
+        CLIENT: (Status.BAD_REQUEST, b"bad request: the request body ended early or was malformed\n", False),
         OTHER: (Status.BAD_GATEWAY, b"bad gateway: the backend request failed\n", False),
     }
 
@@ -149,110 +165,26 @@ class Failure:
         return self.TABLE[self.kind][2]
 
     @classmethod
-    def from_exception(cls, exc):
-        root = _root_cause(exc)
-        if isinstance(exc, requests.exceptions.ConnectTimeout) or (
-                isinstance(root, urllib3.exceptions.ConnectTimeoutError)
-                and not isinstance(root, urllib3.exceptions.NewConnectionError)):
-            return cls(cls.CONNECT_TIMEOUT, "connect timed out")
-        if isinstance(exc, requests.exceptions.Timeout) or isinstance(
-                root, (urllib3.exceptions.ReadTimeoutError, TimeoutError)):
-            return cls(cls.READ_TIMEOUT, "read timed out")
-        if isinstance(root, ConnectionRefusedError) or isinstance(root, urllib3.exceptions.NewConnectionError):
-            return cls(cls.CONNECT, f"connection refused ({_short(root)})")
-        if isinstance(root, (ConnectionResetError, BrokenPipeError, http.client.RemoteDisconnected,
-                             urllib3.exceptions.ProtocolError, http.client.IncompleteRead)):
-            return cls(cls.RESET, f"connection reset ({_short(root)})")
-        if isinstance(root, OSError) and root.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH):
-            return cls(cls.CONNECT, f"unreachable ({_short(root)})")
-        return cls(cls.OTHER, _short(root))
-
-
-def _root_cause(exc):
-    """The innermost useful exception behind a requests/urllib3 wrapper."""
-    seen = set()
-    while id(exc) not in seen:
-        seen.add(id(exc))
-        inner = None
-        if isinstance(exc, urllib3.exceptions.MaxRetryError) and exc.reason is not None:
-            inner = exc.reason
-        elif isinstance(exc, requests.exceptions.RequestException) and exc.args and isinstance(
-                exc.args[0], BaseException):
-            inner = exc.args[0]
-        elif isinstance(exc, urllib3.exceptions.ProtocolError) and len(exc.args) > 1 and isinstance(
-                exc.args[1], BaseException):
-            inner = exc.args[1]
-        elif exc.__cause__ is not None:
-            inner = exc.__cause__
-        if inner is None:
-            return exc
-        exc = inner
-    return exc
+    def from_exception(cls, exc, connecting=False):
+        if isinstance(exc, ClientGone):
+            return cls(cls.CLIENT, str(exc))
+        if isinstance(exc, HeadError):
+            return cls(cls.BAD_RESPONSE, f"malformed response: {exc.reason}")
+        if isinstance(exc, TimeoutError):
+            return cls(cls.CONNECT_TIMEOUT, "connect timed out") if connecting else cls(
+                cls.READ_TIMEOUT, "read timed out")
+        if isinstance(exc, ConnectionRefusedError):
+            return cls(cls.CONNECT, f"connection refused ({_short(exc)})")
+        if connecting:
+            return cls(cls.CONNECT, f"cannot connect ({_short(exc)})")
+        if isinstance(exc, (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)):
+            return cls(cls.RESET, f"connection reset ({_short(exc)})")
+        return cls(cls.OTHER, _short(exc))
 
 
 def _short(exc):
-    text = str(exc)
-    if isinstance(exc, urllib3.exceptions.NewConnectionError):
-        text = text.split(": ", 1)[-1]
+    text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-# --------------------------------------------------------------------------- bodies
-
-
-class _InputBody:
-    """The client's request body, read as the backend connection sends it.
-
-    ``read`` is ``HttpRequest._read``. Has ``__len__`` when Content-Length is known so
-    requests sends a Content-Length instead of chunking. ``started`` says a byte was
-    read (the body can no longer be replayed to another backend); ``failed`` holds the
-    client's error if it stopped sending.
-    """
-
-    def __init__(self, read, length, chunk_size, prefix=()):
-        self._read, self.length, self.chunk_size = read, length, chunk_size
-        self.prefix = list(prefix)
-        self.started = bool(self.prefix)
-        self.failed = None
-
-    def __len__(self):
-        return self.length
-
-    def read(self, size=-1):
-        if self.prefix:
-            return self.prefix.pop(0)
-        self.started = True
-        if size is None or size < 0:
-            size = self.chunk_size
-        try:
-            return self._read(size)
-        except OSError as exc:  # the client closed, or pywsgi refused its chunked framing
-            self.failed = f"request body: {exc}"
-            raise
-
-    def __iter__(self):
-        while True:
-            chunk = self.read(self.chunk_size)
-            if not chunk:
-                return
-            yield chunk
-
-
-def upstream_chunks(raw, size):
-    """A backend body as it arrives, up to ``size`` bytes a piece, Content-Encoding untouched.
-
-    ``read1`` returns what one socket read brings (a trickling body is passed on at
-    once); ``stream`` would wait for ``size`` bytes. Older urllib3 has no ``read1``.
-    """
-    read1 = getattr(raw, "read1", None)
-    if read1 is None:
-        yield from raw.stream(size, decode_content=False)
-        return
-    while True:
-        data = read1(size, decode_content=False)
-        if not data:
-            return
-        yield data
 
 
 def _read_bounded(read, limit):
@@ -268,115 +200,136 @@ def _read_bounded(read, limit):
             return chunks, False
 
 
+class _HeaderHolder:
+    """``headers`` as handlers see them, made only when a handler looks: raw byte pairs until then."""
+
+    def _init_headers(self, raw=None, pairs=None):
+        self._raw = raw  # byte pairs as they will be written, while no handler has looked
+        self._headers = None if pairs is None else HTTPHeaderDict(pairs)
+
+    @property
+    def headers(self):
+        """A case-insensitive HTTPHeaderDict keeping repeats: ``add()`` one, ``getlist()`` all."""
+        if self._headers is None:
+            self._headers = HTTPHeaderDict(decode_pairs(self._raw))
+        return self._headers
+
+    @headers.setter
+    def headers(self, value):
+        self._headers = value if isinstance(value, HTTPHeaderDict) else HTTPHeaderDict(header_items(value))
+
+    @property
+    def touched(self):
+        """A handler has looked at (and may have changed) the headers."""
+        return self._headers is not None
+
+    def header_pairs(self):
+        """The headers as str pairs."""
+        return header_items(self._headers) if self._headers is not None else decode_pairs(self._raw)
+
+    def wire_headers(self):
+        """The byte pairs to write; a handler's are checked first (ValueError for a broken one)."""
+        if self._headers is None:
+            return list(self._raw)
+        return encode_pairs(header_items(self._headers))
+
+
 # --------------------------------------------------------------------------- request / response
 
 
-class HttpRequest:
+class HttpRequest(_HeaderHolder):
     """What ``http_request``/``http_response`` handlers see as ``event.request``.
 
-    ``method``, ``path`` (percent-encoded), ``query`` (raw, no ``?``), ``headers``
-    (case-insensitive mapping, hop-by-hop already removed, X-Forwarded-* added) and
-    ``body`` are assignable; ``peer_ip`` and ``scheme`` are for reading. Reading
-    ``body`` buffers it (see the module doc); None means too large to buffer.
+    ``method``, ``path`` (as the client sent it, percent-encoded), ``query`` (raw,
+    no ``?``), ``headers`` (an HTTPHeaderDict: hop-by-hop already removed,
+    X-Forwarded-* added) and ``body`` are assignable; ``peer_ip`` and ``scheme``
+    are for reading. Reading ``body`` buffers it (see the module doc); None means
+    too large to buffer.
     """
 
-    def __init__(self, method, path, query, headers, peer_ip="", scheme="http",
-                 stream=None, length=None, chunk_size=65536, buffer_limit=BUFFER_LIMIT):
-        self.method, self.path, self.query, self.headers = method, path, query, headers
-        self.peer_ip, self.scheme = peer_ip, scheme
+    def __init__(self, method, path, query, headers, peer_ip="", scheme="http", source=None,
+                 length=None, buffer_limit=BUFFER_LIMIT, peer_port=0):
+        self.method, self.path, self.query = method, path, query
+        self._init_headers(raw=headers)
+        self.peer_ip, self.scheme, self.peer_port = peer_ip, scheme, peer_port
+        self._source = source  # a ClientBody still to be read, or None
+        self._length = length  # its Content-Length, None for chunked
+        self._buffer_limit = buffer_limit
+        self._body = None if source is not None else b""
+        self._prefix = []  # pieces already read (by prime() or a handler), sent first
+        self._overflow = False  # a handler's read went past buffer_limit: body reads None
         self.started = time.monotonic()  # for the request's duration in metrics and the access log
-        self._stream, self._length = stream, length  # length None + stream = chunked upload
-        self._remaining = length
-        self._chunk_size, self._buffer_limit = chunk_size, buffer_limit
-        self._body = None if stream is not None else b""
-        self._prefix = ()
-        self._sent = None  # the _InputBody of the last send, if any
-
-    @classmethod
-    def from_environ(cls, environ, chunk_size=65536, buffer_limit=BUFFER_LIMIT):
-        headers = headers_from_environ(environ)
-        drop = hop_by_hop_names(headers.items()) | REQUEST_OWN
-        for name in [name for name in headers if name.lower() in drop]:
-            del headers[name]
-        peer_ip = environ.get("REMOTE_ADDR", "") or ""
-        scheme = environ.get("wsgi.url_scheme", "http")
-        forwarded_headers(headers, peer_ip, scheme)
-        length = environ.get("CONTENT_LENGTH")
-        chunked = environ.get("HTTP_TRANSFER_ENCODING", "").lower() == "chunked"
-        stream = environ["wsgi.input"] if (length and length != "0") or chunked else None
-        return cls(environ.get("REQUEST_METHOD", "GET"), path_from_environ(environ),
-                   environ.get("QUERY_STRING", ""), headers, peer_ip, scheme, stream,
-                   None if chunked else (int(length) if length else None), chunk_size, buffer_limit)
-
-    def _read(self, size):
-        """At most ``size`` bytes of the client's body, never past its Content-Length."""
-        if self._remaining is None:
-            return self._stream.read(size)
-        size = min(size, self._remaining)
-        if size <= 0:
-            return b""
-        data = self._stream.read(size)
-        if not data:
-            raise ConnectionError(f"client closed with {self._remaining} body bytes unsent")
-        self._remaining -= len(data)
-        return data
+        self._streamed = False  # a piece of the streamed body was sent: no replay elsewhere
+        self.client_failure = None
 
     @property
     def body(self):
-        if self._body is None and not self._prefix:
-            chunks, complete = _read_bounded(lambda: self._read(self._chunk_size), self._buffer_limit)
+        if self._body is None and not self._overflow:
+            held = sum(map(len, self._prefix))
+            try:
+                chunks, complete = _read_bounded(self._source.read, self._buffer_limit - held)
+            except (ClientGone, HeadError) as exc:
+                self.client_failure = str(exc)
+                self._body = b""
+                return None
             if complete:
-                self._body = b"".join(chunks)
+                self._body = b"".join(self._prefix + chunks)
+                self._prefix = []
             else:
-                self._prefix = chunks
+                self._prefix += chunks
+                self._overflow = True
         return self._body
 
     @body.setter
     def body(self, value):
+        if self._body is None and not self._overflow:
+            self.body  # what the client sends is read (and dropped) so the connection stays usable
         self._body = value.encode("utf-8") if isinstance(value, str) else bytes(value or b"")
-        self._prefix = ()
+        self._prefix = []
+
+    def prime(self):
+        """Read the first piece of a streamed body now (glb checks its framing before forwarding)."""
+        first = self._source.read()
+        if self._source.done and not self._source.trailers:
+            self._body = first  # all here already: sent with a Content-Length
+        else:
+            self._prefix = [first]
 
     @property
     def replayable(self):
-        """Can this request be sent again to another backend?"""
-        return self._body is not None or self._sent is None or not self._sent.started
+        """Can this request be sent again (to another backend or on a fresh connection)?"""
+        return self._body is not None or not self._streamed
 
-    def send_body(self):
-        """(body for requests, Content-Length or None) for one send attempt."""
-        if self._body is not None:
-            return (self._body if self._body or self.method not in ("GET", "HEAD") else None,
-                    len(self._body))
-        if self._sent is None:
-            self._sent = _InputBody(self._read, self._length, self._chunk_size, self._prefix)
-        if self._length is None:
-            return iter(self._sent), None  # chunked to the backend too
-        return self._sent, self._length
-
-    @property
-    def client_failure(self):
-        return self._sent.failed if self._sent is not None else None
+    def pieces(self):
+        """The streamed body, piece by piece (prefix first); raises ClientGone / HeadError from the client."""
+        self._streamed = True
+        prefix, self._prefix = self._prefix, []
+        yield from prefix
+        read = self._source.read
+        while chunk := read():
+            yield chunk
 
     def __repr__(self):
         return f"<HttpRequest {self.method} {self.path}{'?' + self.query if self.query else ''}>"
 
 
-class HttpResponse:
+class HttpResponse(_HeaderHolder):
     """What ``http_response`` handlers see as ``event.response``: ``status``, ``headers``, ``body``.
 
-    ``headers`` is a list of ``(name, value)`` pairs (duplicates kept); a handler may
-    assign a list or a mapping. ``body`` is bytes once read or assigned; reading a
-    streamed body buffers up to the limit and reads None beyond it.
+    ``headers`` is the same HTTPHeaderDict type as the request's (a handler may also
+    assign a mapping or a list of pairs). ``body`` is bytes once read or assigned;
+    reading a streamed body buffers up to the limit and reads None beyond it.
     """
 
-    def __init__(self, status, headers, body=b"", reason=None, upstream=None, chunk_size=65536,
-                 buffer_limit=BUFFER_LIMIT):
+    def __init__(self, status, headers=None, body=b"", reason=None, source=None, buffer_limit=BUFFER_LIMIT,
+                 raw=None):
         self.status = status
-        self.headers = headers
+        self._init_headers(raw=raw, pairs=headers if raw is None else None)
         self._reason = (status, reason)
-        self._upstream = upstream  # a requests.Response whose raw body is still to stream
-        self._chunk_size, self._buffer_limit = chunk_size, buffer_limit
-        self._body = body if upstream is None else None
-        self._prefix = ()
+        self._source = source  # a BackendBody still to be read, or None
+        self._buffer_limit = buffer_limit
+        self._body = body if source is None else None
+        self._prefix = []
         self.stream_failure = None  # a Failure while a handler was reading the body
 
     @classmethod
@@ -390,126 +343,104 @@ class HttpResponse:
 
     @property
     def body(self):
-        if self._body is None and not self._prefix and self._upstream is not None:
-            chunks = upstream_chunks(self._upstream.raw, self._chunk_size)
+        if self._body is None and not self._prefix and self._source is not None:
             try:
-                collected, complete = _read_bounded(lambda: next(chunks, b""), self._buffer_limit)
-            except (urllib3.exceptions.HTTPError, OSError) as exc:
+                chunks, complete = _read_bounded(self._source.read, self._buffer_limit)
+            except (OSError, HeadError) as exc:
                 self.stream_failure = Failure.from_exception(exc)
-                self.release()
+                self._source.abandon()
                 return None
             if complete:
-                self._body = b"".join(collected)
-                self.release()
+                self._body = b"".join(chunks)
             else:
-                self._prefix = collected
+                self._prefix = chunks
         return self._body
 
     @body.setter
     def body(self, value):
         self._body = value.encode("utf-8") if isinstance(value, str) else bytes(value or b"")
-        self._prefix = ()
-        self.release()
+        self._prefix = []
 
     def body_length(self):
         """Body bytes for the client: the buffered body's, else the backend's Content-Length (0 if unsaid)."""
         if self._body is not None:
             return len(self._body)
-        for name, value in header_items(self.headers):
-            if name.lower() == "content-length" and value.strip().isdigit():
-                return int(value)
+        if self._source is not None and self._source.length is not None:
+            return self._source.length
         return 0
 
-    def release(self, no_body=False):
-        """Give the backend connection back to the pool, or close it.
-
-        A body read to the end has already given it back. An unread rest is read
-        and dropped when there is none (``no_body``: a HEAD answer) or it is at most
-        one chunk; a longer or unknown rest costs the connection instead.
-        """
-        upstream, self._upstream = self._upstream, None
-        if upstream is None:
-            return
-        raw = upstream.raw
-        remaining = getattr(raw, "length_remaining", None)
-        if no_body or (remaining is not None and remaining <= self._chunk_size):
-            raw.drain_conn()
-        upstream.close()
-
-    def wsgi(self, start_response, head=False, on_failure=None):
-        """Start the WSGI response; returns the iterable of body chunks."""
+    @property
+    def status_text(self):
         code, reason = self._reason
-        line = status_line(self.status, reason if code == self.status else None)
-        headers = strip_hop_by_hop(header_items(self.headers))
-        if self._body is not None:
-            self.release()
-            if self.status not in NO_BODY_STATUSES and not head:
-                headers = [(n, v) for n, v in headers if n.lower() != "content-length"]
-                headers.append(("Content-Length", str(len(self._body))))
-            start_response(line, headers)
-            return [] if head or self.status in NO_BODY_STATUSES else [self._body]
-        start_response(line, headers)
-        if head:  # nothing follows a HEAD answer, whatever its headers say
-            self.release(no_body=True)
-            return []
-        return _StreamedBody(self, on_failure)
+        return status_line(self.status, reason if code == self.status else None)
 
 
-class _StreamedBody:
-    """The WSGI iterable of a streamed backend body; ``close()`` always frees the connection.
+class BackendBody:
+    """A backend response body being read off its pooled connection, piece by piece."""
 
-    pywsgi calls ``close()`` even when the client left mid-way. If the backend fails
-    mid-body, the client connection is dropped (no terminating chunk, no short body
-    passed off as complete) by raising ConnectionResetError, which pywsgi treats as a
-    vanished peer: the connection closes without a traceback.
-    """
+    def __init__(self, proxy, conn, head, uploading):
+        self.proxy, self.conn, self.head = proxy, conn, head
+        self.decoder = body_for(head.framing) or (UntilCloseBody() if head.framing.length is None
+                                                  and not head.framing.chunked else None)
+        self.trailers = None
+        self.uploading = uploading  # a function: is the request still being sent?
+        self.direct = isinstance(self.decoder, LengthBody)
 
-    def __init__(self, response, on_failure):
-        self.response, self.on_failure = response, on_failure
+    @property
+    def length(self):
+        return self.head.framing.length
 
-    def __iter__(self):
-        response = self.response
-        yield from response._prefix
-        response._prefix = ()
-        upstream = response._upstream
-        if upstream is None:
+    @property
+    def chunked(self):
+        return self.head.framing.chunked
+
+    @property
+    def complete(self):
+        return self.decoder is None or self.decoder.done
+
+    def read(self, wait=True):
+        """The next piece (b'' at the end); with ``wait=False``, only what is already buffered."""
+        decoder, conn = self.decoder, self.conn
+        while decoder is not None and not decoder.done:
+            if conn.buffer:
+                data, trailers = decoder.take(conn.buffer)
+                if trailers is not None:
+                    self.trailers = trailers
+                if data:
+                    return data
+                continue
+            if not wait:
+                return b""
+            if self.direct:  # a Content-Length body: straight from the socket, no copy
+                data = conn.sock.recv(min(RECV_SIZE, decoder.remaining))
+                if not data:
+                    raise BackendClosed(errno.ECONNRESET, "the backend closed the connection mid-body")
+                decoder.remaining -= len(data)
+                return data
+            try:
+                conn.fill()
+            except BackendClosed:
+                if isinstance(decoder, UntilCloseBody):
+                    decoder.end()
+                    break
+                raise
+        self.release()
+        return b""
+
+    def release(self):
+        """Give the connection back (the body is complete) or close it (it is not)."""
+        conn, self.conn = self.conn, None
+        if conn is None:
             return
-        try:
-            yield from upstream_chunks(upstream.raw, response._chunk_size)
-        except (urllib3.exceptions.HTTPError, OSError) as exc:
-            failure = Failure.from_exception(exc)
-            if self.on_failure is not None:
-                self.on_failure(failure)
-            self.close()
-            raise ConnectionResetError(errno.ECONNRESET, f"backend response cut short: {failure.text}")
+        if self.complete and self.head.keep_alive and not self.uploading():
+            self.proxy.pools.put(conn)
+        else:
+            self.proxy.pools.discard(conn)
 
-    def close(self):
-        self.response.release()
-
-
-# --------------------------------------------------------------------------- transport
-
-
-class _PoolAdapter(HTTPAdapter):
-    """HTTPAdapter sending bodies in ``blocksize`` pieces and skipping requests' cookie parsing."""
-
-    def __init__(self, blocksize, **kwargs):
-        self._blocksize = blocksize
-        super().__init__(**kwargs)
-
-    def init_poolmanager(self, connections, maxsize, block=False, **pool_kwargs):
-        pool_kwargs.setdefault("blocksize", self._blocksize)
-        super().init_poolmanager(connections, maxsize, block=block, **pool_kwargs)
-
-    def build_response(self, req, resp):
-        response = requests.Response()
-        response.status_code = resp.status
-        response.raw = resp
-        response.reason = resp.reason
-        response.url = req.url
-        response.request = req
-        response.connection = self
-        return response
+    def abandon(self):
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            self.proxy.pools.discard(conn)
 
 
 class _UrlBackend:
@@ -526,8 +457,31 @@ class _UrlBackend:
         return f"<backend {self._base}>"
 
 
+class _Exchange:
+    """One request and its answer on one client connection: what the steps share."""
+
+    __slots__ = ("client", "head", "request", "body", "uploader", "upload_done", "answered")
+
+    def __init__(self, client, head, request, body):
+        self.client, self.head, self.request, self.body = client, head, request, body
+        self.uploader = None
+        self.upload_done = body is None
+        self.answered = False  # the response head went to the client
+
+    def uploading(self):
+        return not self.upload_done
+
+    def stop_upload(self):
+        uploader, self.uploader = self.uploader, None
+        if uploader is not None:
+            uploader.kill(block=True, timeout=1)
+
+
+# --------------------------------------------------------------------------- the proxy
+
+
 class HttpProxy:
-    """The WSGI app for plain HTTP requests: one per Balancer, owns the connection pools."""
+    """Forwards plain HTTP requests; one per Balancer, owns the backend connection pools."""
 
     def __init__(self, balancer):
         self.balancer = balancer
@@ -535,161 +489,353 @@ class HttpProxy:
         conf = settings.http
         self.enabled = "http" in settings.glb.protocols
         self.prefix = settings.glb.prefix
-        self.timeout = (conf.connect_timeout, conf.read_timeout)
         self.retries = conf.retries
-        self.chunk_size = conf.chunk_size
         self.backend_host = conf.host_header == "backend"
-        backends = getattr(settings, "backends", None)
-        self.verify, self.cert = tls.requests_options(backends) if backends is not None else (True, None)
+        self.max_head_size = conf.max_head_size
         self.buffer_limit = BUFFER_LIMIT
-        self.adapter = _PoolAdapter(conf.chunk_size, pool_connections=conf.pool_connections,
-                                    pool_maxsize=conf.pool_maxsize, max_retries=0)
-        self.session = requests.Session()  # owner of the adapter; see the module doc
-        self.session.trust_env = False
-        self.session.mount("http://", self.adapter)
-        self.session.mount("https://", self.adapter)
-        self._netlocs = {}
+        self.policy = self._policy_of = None  # made by pick(), anew whenever Balancer.policy is replaced
+        self.pools = Pools(conf.connect_timeout, conf.read_timeout, conf.pool_maxsize, conf.pool_connections,
+                           conf.pool_idle_timeout, backend_ssl_context_factory(balancer))
+        self._sweeper = None
+        self.clients = set()  # every open ClientConnection (glb.http_server), for end_idle_clients()
+
+    def start(self):
+        """Start the greenlet that closes idle pooled connections and those of departed backends."""
+        if self._sweeper is None:
+            self._sweeper = gevent.spawn(self._sweep_forever)
+
+    def _sweep_forever(self):
+        tick = max(0.05, min(self.pools.idle_timeout / 4, 1.0))
+        while True:
+            gevent.sleep(tick)
+            self.pools.sweep()
 
     def close(self):
-        self.session.close()
+        """Stop the sweeper and close the pooled backend connections (requests in flight finish)."""
+        if self._sweeper is not None:
+            self._sweeper.kill(block=False)
+            self._sweeper = None
+        self.pools.close()
 
-    # -- the WSGI app ------------------------------------------------------
+    def end_idle_clients(self):
+        """Close the keep-alive client connections waiting for a next request (glb is stopping)."""
+        for client in list(self.clients):
+            client.close_if_idle()
 
-    def __call__(self, environ, start_response):
-        if not self.enabled:
-            return _plain(start_response, Status.NOT_FOUND, b"not found: plain HTTP is turned off\n")
-        if environ.get("PATH_INFO", "").startswith(self.prefix):
-            return _plain(start_response, Status.NOT_FOUND, b"not found: no glb endpoint at this path\n")
-        request = HttpRequest.from_environ(environ, self.chunk_size, self.buffer_limit)
+    # -- one request ---------------------------------------------------------------------------
+
+    def exchange(self, client, head):
+        """Serve ``head`` (body included) from a backend; whether the client connection may be kept."""
+        if not self.enabled or head.path.startswith(self.prefix):
+            reason = ("not found: plain HTTP is turned off\n" if not self.enabled
+                      else "not found: no glb endpoint at this path\n")
+            return self.answer_plain(client, head, Status.NOT_FOUND, reason.encode())
+        body = client.body(head)
+        request = HttpRequest(head.method, head.path, head.query,
+                              forward_request_headers(head.raw_headers, client.peer[0],
+                                                      "https" if client.secure else "http", head.connection),
+                              client.peer[0], "https" if client.secure else "http", body,
+                              head.framing.length, self.buffer_limit, client.peer[1])
+        ex = _Exchange(client, head, request, body)
+        if head.framing.chunked:
+            try:  # a bad first chunk-size line is refused before any backend sees the head
+                request.prime()
+            except (ClientGone, HeadError) as exc:
+                client.refuse(getattr(exc, "status", Status.BAD_REQUEST), str(exc))
+                return False
         try:
-            return self.handle(request, environ, start_response)
-        except Exception as exc:  # a glb bug: answer 500, never a pywsgi traceback
+            return self.handle(ex)
+        except (OSError, ClientGone):  # the client left while glb answered it
+            return False
+        except Exception as exc:  # a glb bug: answer 500 if nothing was sent yet, never a traceback to pywsgi
             log.exception("! http %s %s failed", request.method, request.path)
             bus = self.balancer.bus
             bus.fire(bus.exception, connection=None, exception=exc)
-            return _plain(start_response, Status.INTERNAL_ERROR, b"internal error\n")
+            if not ex.answered:
+                client.refuse(Status.INTERNAL_ERROR, "internal error", report=False)
+            return False
+        finally:
+            ex.stop_upload()
 
-    def handle(self, request, environ, start_response):
-        balancer, bus = self.balancer, self.balancer.bus
-        pick = balancer.pick_request(environ)
-        backend = balancer.pick_backend(pick)
+    def handle(self, ex):
+        bus, request = self.balancer.bus, ex.request
+        pick = self.pick_request(request)
+        backend = self.pick(pick)
         if bus.http_request.receivers:
             event = bus.fire(bus.http_request, request=request, backend=backend)
             if event.response is not None:
                 status, headers, body = event.response
-                response = HttpResponse(status, list(headers.items()), body)
-                return self.answer(start_response, request, response, None, None)
+                response = HttpResponse(status, header_items(headers), body)
+                return self.answer(ex, response, None, None)
             backend = self.resolve(event.backend)
         if backend is None:
             error = "no backend is ready for HTTP"
-            self.report(request, environ, error)
+            self.report(request, error)
             response = HttpResponse.simple(Status.SERVICE_UNAVAILABLE,
                                            b"service unavailable: no backend is ready\n")
-            return self.answer(start_response, request, response, error, None)
-        response, failure, backend = self.forward(request, backend, pick, environ)
-        return self.answer(start_response, request, response, failure and failure.text, backend,
-                           environ=environ)
+            return self.answer(ex, response, error, None)
+        response, failure, backend = self.forward(ex, backend, pick)
+        return self.answer(ex, response, failure and failure.text, backend)
 
-    def answer(self, start_response, request, response, error, backend, environ=None):
-        bus = self.balancer.bus
-        if bus.http_response.receivers:
-            bus.fire(bus.http_response, request=request, response=response, error=error, backend=backend)
-            if response.stream_failure is not None and response._body is None:
-                failure = response.stream_failure
-                self.report(request, environ, f"http backend {_name(backend)}: {failure.text}")
-                response = HttpResponse.error(failure.kind)
-        self.balancer.stats.http_request(_name(backend), response.status,
-                                         time.monotonic() - request.started, response.body_length())
+    def pick(self, pick, exclude=()):
+        """A backend that takes HTTP, by a policy of its own (policies cache by the candidate list)."""
+        if self._policy_of is not self.balancer.policy:  # first use, or a reload changed the balancing
+            glb = self.balancer.settings.glb
+            self._policy_of = self.balancer.policy
+            self.policy = make_policy(glb.balancing, hash_key=glb.hash_key)
+        return self.policy.pick(self.balancer.registry.http_candidates(), request=pick, exclude=exclude)
 
-        def on_failure(failure):
-            self.report(request, environ,
-                        f"http backend {_name(backend)}: response cut short: {failure.text}")
+    def pick_request(self, request):
+        """What the balancing policy looks at; only the hash policy looks at anything."""
+        if self.balancer.settings.glb.balancing != "hash":
+            return None
+        query = {}
+        for part in request.query.split("&"):
+            name, _, value = part.partition("=")
+            query.setdefault(name, value)
+        return PickRequest(request.peer_ip, dict(request.header_pairs()), query)
 
-        return response.wsgi(start_response, head=request.method == "HEAD", on_failure=on_failure)
+    # -- forwarding ----------------------------------------------------------------------------
 
-    # -- forwarding --------------------------------------------------------
-
-    def forward(self, request, backend, pick, environ):
+    def forward(self, ex, backend, pick):
         """Send to ``backend``, trying others on a retryable failure: (response, failure, backend)."""
-        tried = []
+        request, tried = ex.request, []
         while True:
+            connecting = [True]
             try:
-                upstream = self.send(request, backend)
-            except Exception as exc:
-                if not isinstance(exc, (requests.RequestException, urllib3.exceptions.HTTPError,
-                                        OSError, ValueError)):
-                    raise
-                failure = Failure.from_exception(exc)
+                return self.send(ex, backend, connecting), None, backend
+            except (OSError, ValueError, HeadError, ClientGone) as exc:
+                failure = Failure.from_exception(exc, connecting[0])
                 if request.client_failure:
                     failure = Failure(Failure.CLIENT, request.client_failure)
-                text = f"http backend {_name(backend)}: {failure.text}"
-                failure.text = text
-                self.report(request, environ, text)
+                failure.text = f"http backend {_name(backend)}: {failure.text}"
+                self.report(request, failure.text)
                 if failure.kind in (Failure.CONNECT, Failure.CONNECT_TIMEOUT) and hasattr(backend, "health"):
                     self.balancer.health.connect_failed(backend)  # passive check (max_fails)
                 tried.append(backend)
                 if (failure.retryable and request.method in IDEMPOTENT and request.replayable
                         and len(tried) <= self.retries):
-                    other = self.balancer.pick_backend(pick, exclude=tried)
+                    other = self.pick(pick, exclude=tried)
                     if other is not None:
                         backend = other
                         continue
                 return HttpResponse.error(failure.kind), failure, backend
-            response = HttpResponse(upstream.status_code, strip_hop_by_hop(upstream.raw.headers.items()),
-                                    reason=upstream.reason, upstream=upstream,
-                                    chunk_size=self.chunk_size, buffer_limit=self.buffer_limit)
-            return response, None, backend
 
-    def send(self, request, backend):
+    def send(self, ex, backend, connecting):
+        """One backend's response head to the request (the body follows as it is read)."""
         base = backend.http_base()
-        url = f"{base}{request.path}?{request.query}" if request.query else f"{base}{request.path}"
-        headers = CaseInsensitiveDict(request.headers)
-        body, length = request.send_body()
-        if length is not None and (length or request.method not in ("GET", "HEAD")):
-            headers["Content-Length"] = str(length)
-        if self.backend_host or "Host" not in headers:
-            headers["Host"] = self._netloc(base)
-        for name in ("User-Agent", "Accept-Encoding"):  # urllib3 would add its own
-            if name not in headers:
-                headers[name] = SKIP_HEADER
-        prepared = requests.PreparedRequest()
-        prepared.method, prepared.url, prepared.headers, prepared.body = request.method, url, headers, body
-        return self.adapter.send(prepared, stream=True, timeout=self.timeout, verify=self.verify,
-                                 cert=self.cert)
+        for attempt in (1, 2):
+            connecting[0] = True
+            conn = self.pools.get(base, backend)
+            connecting[0] = False
+            try:
+                self.write_request(ex, conn, base)
+                head = self.read_final_head(ex, conn)
+            except (OSError, HeadError, ClientGone) as exc:
+                ex.stop_upload()
+                conn.close()
+                stale = (isinstance(exc, (ConnectionResetError, BrokenPipeError)) and conn.reused
+                         and not conn.got_bytes and ex.request.client_failure is None)
+                if stale and attempt == 1 and ex.request.replayable:
+                    continue  # the backend had closed the idle connection: once more on a new one
+                raise
+            return HttpResponse(head.status, raw=head.raw_headers, reason=head.reason,
+                                source=BackendBody(self, conn, head, ex.uploading),
+                                buffer_limit=self.buffer_limit)
+
+    def write_request(self, ex, conn, base):
+        request, body = ex.request, ex.body
+        pairs = request.wire_headers()
+        if self.backend_host or not any(name.lower() == b"host" for name, _ in pairs):
+            netloc = self.pools.address(base)[3].encode("latin-1")
+            pairs = [(n, v) for n, v in pairs if n.lower() != b"host"] + [(b"Host", netloc)]
+        payload = b""
+        stream = False
+        if request._body is not None:
+            payload = request._body
+            if payload or request.method in _BODY_METHODS:
+                pairs.append((b"Content-Length", b"%d" % len(payload)))
+        elif body is not None:
+            available = body.available() if not request._prefix else None
+            if available is not None:
+                payload = request._body = available
+                pairs.append((b"Content-Length", b"%d" % len(payload)))
+            elif request._length is not None:
+                pairs.append((b"Content-Length", b"%d" % request._length))
+                stream = True
+            else:
+                pairs.append((b"Transfer-Encoding", b"chunked"))
+                stream = True
+        elif request.method in _BODY_METHODS:
+            pairs.append((b"Content-Length", b"0"))
+        target = f"{request.path}?{request.query}" if request.query else request.path
+        line = f"{request.method} {target} HTTP/1.1".encode("latin-1")
+        send_all(conn.sock, encode_raw_head(line, pairs) + payload)
+        if stream:
+            ex.upload_done = False
+            ex.uploader = gevent.spawn(self.upload, ex, conn, request._length is None)
+        elif body is not None:
+            ex.upload_done = True
+
+    def upload(self, ex, conn, chunked):
+        """The exchange's uploader greenlet: the client's body to the backend as it arrives."""
+        request, sock = ex.request, conn.sock
+        try:
+            for piece in request.pieces():
+                send_all(sock, encode_chunk(piece) if chunked else piece)
+            if chunked:
+                send_all(sock, encode_last_chunk(ex.body.trailers))
+            ex.upload_done = True
+        except (ClientGone, HeadError) as exc:
+            request.client_failure = f"request body: {exc}" if "request body" not in str(exc) else str(exc)
+            try:  # wake the reader of the response: this exchange is over
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        except OSError:  # the backend stopped reading; its answer (or failure) is read by the exchange
+            pass
+
+    def read_final_head(self, ex, conn):
+        """The first non-1xx response head; interim ones reach an HTTP/1.1 client (glb's own 100 aside)."""
+        while True:
+            head = conn.read_head(ex.request.method, self.max_head_size)
+            if head.status >= 200:
+                return head
+            if head.status == 101:
+                raise HeadError("101 Switching Protocols to a plain request")
+            if ex.head.version == "1.1" and head.status != 100:
+                line = f"HTTP/1.1 {status_line(head.status, head.reason)}".encode("latin-1")
+                ex.client.send(encode_raw_head(line, head.raw_headers))
 
     def resolve(self, backend):
         """The backend a handler left in ``event.backend``: a Backend, a guid or an http(s) URL."""
-        if backend is None or hasattr(backend, "http_base"):
+        if backend is None or isinstance(backend, _UrlBackend):
             return backend
         if isinstance(backend, str):
             if "://" in backend:
                 return _UrlBackend(backend)
-            found = self.balancer.registry.get(backend)
-            if found is not None:
-                return found
-        log.warning("! http_request handler set an unknown backend %r", backend)
+            backend = self.balancer.registry.get(backend) or backend
+        if getattr(backend, "takes_http", False):
+            return backend
+        log.warning("! http_request handler set a backend that takes no HTTP: %r", backend)
         return None
 
-    def _netloc(self, base):
-        netloc = self._netlocs.get(base)
-        if netloc is None:
-            netloc = self._netlocs[base] = urlsplit(base).netloc
-        return netloc
+    # -- answering -----------------------------------------------------------------------------
 
-    def report(self, request, environ, text):
+    def answer(self, ex, response, error, backend):
+        bus = self.balancer.bus
+        if bus.http_response.receivers:
+            bus.fire(bus.http_response, request=ex.request, response=response, error=error, backend=backend)
+            if response.stream_failure is not None and response._body is None:
+                failure = response.stream_failure
+                self.report(ex.request, f"http backend {_name(backend)}: {failure.text}")
+                response = HttpResponse.error(failure.kind)
+        self.balancer.stats.http_request(_name(backend), response.status,
+                                         time.monotonic() - ex.request.started, response.body_length())
+        return self.write_response(ex, response, backend)
+
+    def write_response(self, ex, response, backend):
+        """The response to the client; whether its connection may be kept."""
+        client, head, request = ex.client, ex.head, ex.request
+        source = response._source if response._body is None else None
+        if source is None and response._source is not None:
+            response._source.release()  # a body buffered or replaced: the backend's is done with
+        no_body = head.method == "HEAD" or response.status in NO_BODY_STATUSES or response.status < 200
+        touched = response.touched  # else: the backend's pairs, hop-by-hop already gone
+        pairs = encode_pairs(strip_hop_by_hop(response.header_pairs())) if touched else list(response._raw)
+        keep = head.keep_alive and request.client_failure is None and not self.balancer.stopping
+        chunked = False
+        payload = b""
+        extra = []
+        if not no_body:
+            if source is None or touched:
+                pairs = [(n, v) for n, v in pairs if n.lower() != b"content-length"]
+            if source is None:
+                payload = response._body
+                extra.append(b"Content-Length: %d" % len(payload))
+            elif source.length is not None:
+                if touched:
+                    extra.append(b"Content-Length: %d" % source.length)
+            elif head.version == "1.1":
+                extra.append(b"Transfer-Encoding: chunked")
+                chunked = True
+            else:
+                keep = False  # an HTTP/1.0 client learns the end when glb closes
+        elif source is not None:
+            source.read()  # nothing follows: the connection goes back to the pool
+            source = None
+        if ex.body is not None and not ex.body.done and source is None:
+            keep = False  # the client's body was not read to its end
+        if not keep:
+            extra.append(b"Connection: close")
+        elif head.version == "1.0":
+            extra.append(b"Connection: keep-alive")
+        out = encode_raw_head(f"HTTP/1.1 {response.status_text}".encode("latin-1"), pairs,
+                              b"".join(line + b"\r\n" for line in extra))
+        if source is None:
+            ex.answered = True
+            client.send(out + payload)
+            return keep
+        prefix, response._prefix = response._prefix, []
+        try:
+            if not prefix:
+                first = self.read_backend(source, request, backend, wait=False)
+                if first is None:
+                    client.refuse(Status.BAD_GATEWAY, "bad gateway: the backend's answer was malformed",
+                                  report=False)
+                    return False
+                if first:
+                    prefix = [first]
+            ex.answered = True
+            client.send(out + b"".join(encode_chunk(p) for p in prefix) if chunked
+                        else out + b"".join(prefix))
+            while piece := self.read_backend(source, request, backend):
+                client.send(encode_chunk(piece) if chunked else piece)
+            if piece is None:
+                _cut_off(client)
+                return False
+            if chunked:
+                client.send(encode_last_chunk(source.trailers))
+        except OSError:  # the client left: the backend connection cannot be reused
+            source.abandon()
+            raise
+        if ex.uploading():
+            keep = False  # the backend answered before the request body ended: the client cannot go on
+        return keep and (ex.body is None or ex.body.done)
+
+    def read_backend(self, source, request, backend, wait=True):
+        """The next piece of a backend body; None (reported, connection dropped) if the backend failed."""
+        try:
+            return source.read(wait)
+        except (OSError, HeadError) as exc:
+            source.abandon()
+            failure = Failure.from_exception(exc)
+            self.report(request, f"http backend {_name(backend)}: response cut short: {failure.text}")
+            return None
+
+    def answer_plain(self, client, head, status, body):
+        pairs = [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body)))]
+        keep = head.keep_alive and not head.framing.has_body
+        if not keep:
+            pairs.append(("Connection", "close"))
+        client.send(encode_head(f"HTTP/1.1 {status}", pairs) + (b"" if head.method == "HEAD" else body))
+        return keep
+
+    def report(self, request, text):
         """Fire ``error`` (and log) for a failed request, with a connection describing it."""
-        environ = environ or {}
-        conn = Connection((request.peer_ip, int(environ.get("REMOTE_PORT") or 0)), request.path,
-                          request.query, request.headers, CLIENT,
-                          secure=request.scheme == "https")
+        conn = Connection((request.peer_ip, request.peer_port), request.path, request.query,
+                          Headers(request.header_pairs()), CLIENT, secure=request.scheme == "https")
         self.balancer.report_error(conn, f"{request.method} {request.path}: {text}")
+
+
+def _cut_off(client):
+    """End a client connection mid-response so the client sees a broken body, not a complete one."""
+    try:
+        client.sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
 
 
 def _name(backend):
     return getattr(backend, "name", None) or getattr(backend, "guid", None) or "-"
 
-
-def _plain(start_response, status, body):
-    start_response(status, [("Content-Type", "text/plain; charset=utf-8"),
-                            ("Content-Length", str(len(body)))])
-    return [body]

@@ -152,7 +152,6 @@ class Plan:
                 balancer.servers.remove(server)
                 log.info("= stopped listening on %s (open sessions continue)", name)
                 continue
-            server.read_timeout = new.glb.handshake_timeout
             if server.scheme == "https":
                 server.context = self.contexts[name]
                 server.handshake_timeout = new.glb.handshake_timeout
@@ -267,7 +266,9 @@ def _replace_http_proxy(balancer):
     """A new HTTP proxy from the new settings; the old one's pooled connections are closed
     (requests in flight finish on the connections they hold)."""
     old = balancer.http_proxy
-    balancer.http_proxy = type(old)(balancer)
+    balancer.http_proxy = new = type(old)(balancer)
+    new.clients = old.clients  # the open client connections, now served by the new one
+    new.start()
     old.close()
 
 

@@ -1,11 +1,12 @@
 """Server wiring: listeners, routing, the upgrade path and graceful shutdown.
 
-``Balancer`` is one running glb. Each listener is a gevent ``WSGIServer`` with
-``UpgradeHandler`` (gevent-websocket's handler, with glb's handshake checks).
-A valid upgrade becomes a *session*: an object with ``response_headers`` and
-``run()`` chosen by path (own echo, control channel, client relay). The 101 is
-written by glb, then the socket is detached from pywsgi so the handler, its
-environ and its buffers are freed while the session lives in its own greenlet.
+``Balancer`` is one running glb. Each listener is a gevent ``WSGIServer`` whose
+handler class, ``UpgradeHandler`` (glb.http_server), reads every request itself:
+glb's own endpoints (``http_routes``), upgrades (``handle_upgrade``) and the rest
+(``http_proxy``). A valid upgrade becomes a *session*: an object with
+``response_headers`` and ``run()`` chosen by path (own echo, control channel,
+client relay). The 101 is written by glb, then the socket is detached from the
+server so the session lives in its own greenlet.
 """
 
 import logging
@@ -14,8 +15,7 @@ import time
 
 import gevent
 from gevent.pool import Group
-from gevent.pywsgi import WSGIHandler, WSGIServer
-from geventwebsocket.handler import WebSocketHandler
+from gevent.pywsgi import WSGIServer
 
 from glb import broadcast  # Balancer.broadcast / write_data / write_backend_client / ping delegate to it
 from glb import handshake, reload, tls
@@ -29,6 +29,7 @@ from glb.events import EventBus
 from glb.handlers import load_handler_receivers
 from glb.health import HealthMonitor
 from glb.http_proxy import HttpProxy
+from glb.http_server import UpgradeHandler
 from glb.own_sessions import EchoSession
 from glb.pool import PoolControl
 from glb.rebalance import Rebalancer
@@ -41,29 +42,6 @@ from glb.registry import Registry
 from glb.websocket import WebSocket
 
 log = logging.getLogger("glb.server")
-
-
-class UpgradeHandler(WebSocketHandler):
-    """pywsgi handler: upgrades go to the balancer, everything else to the WSGI app."""
-
-    def handle(self):
-        if self.socket.family != stdlib_socket.AF_UNIX:
-            # pywsgi writes headers and body separately: without this, Nagle delays small answers
-            self.socket.setsockopt(stdlib_socket.IPPROTO_TCP, stdlib_socket.TCP_NODELAY, 1)
-        # A client that sends its request (or the next one) too slowly is let go; sessions
-        # clear this once upgraded (see _take_socket).
-        self.socket.settimeout(getattr(self.server, "read_timeout", None))
-        super().handle()
-
-    def run_application(self):
-        if handshake.is_upgrade_request(self.environ):
-            self.server.balancer.handle_upgrade(self)
-        else:
-            WSGIHandler.run_application(self)
-
-    def log_request(self):
-        # access lines come from the access_log handler module, not pywsgi
-        pass
 
 
 class Balancer:
@@ -145,6 +123,7 @@ class Balancer:
         if inherited is not None:
             inherited.close_rest()
         self._sweeper = gevent.spawn(self._sweep_forever)
+        self.http_proxy.start()
         self.health.start()
         self.rebalancer.start()
         return self.addresses
@@ -154,13 +133,12 @@ class Balancer:
         glb = self.settings.glb
         listener = sock if sock is not None else address
         if scheme == "https":
-            server = tls.TLSServer(listener, self.wsgi_app, context, handshake_timeout=glb.handshake_timeout,
+            server = tls.TLSServer(listener, _no_application, context, handshake_timeout=glb.handshake_timeout,
                                    handler_class=UpgradeHandler, log=None, error_log=_PywsgiErrorLog())
         else:
-            server = WSGIServer(listener, self.wsgi_app, handler_class=UpgradeHandler,
+            server = WSGIServer(listener, _no_application, handler_class=UpgradeHandler,
                                 log=None, error_log=_PywsgiErrorLog())
         server.balancer = self
-        server.read_timeout = glb.handshake_timeout
         server.scheme, server.configured, server.inherited = scheme, tuple(address), sock is not None
         self.admission.guard(server)
         return server
@@ -223,23 +201,26 @@ class Balancer:
                 gevent.sleep(0.05)
         for server in self.servers:
             server.stop(timeout=0)
+        self.http_proxy.end_idle_clients()
         self.http_proxy.close()  # its pooled backend connections
         self.admission.stop()
 
     # -- plain HTTP --------------------------------------------------------
 
-    def wsgi_app(self, environ, start_response):
-        path = environ.get("PATH_INFO", "")
-        route = self.http_routes.get(path)
-        if route is not None:
-            return route(environ, start_response)
-        for prefix, route in self.http_prefix_routes.items():
-            if path.startswith(prefix):
-                return route(environ, start_response)
-        return self.forward_http(environ, start_response)
+    def http_route(self, path):
+        """glb's own WSGI endpoint for ``path``, or None (the request is forwarded).
 
-    def forward_http(self, environ, start_response):
-        return self.http_proxy(environ, start_response)
+        An exact entry of ``http_routes`` first; else the longest entry of
+        ``http_prefix_routes`` that ``path`` starts with (``/glb/admin/...``).
+        """
+        route = self.http_routes.get(path)
+        if route is not None or not path.startswith(self.prefix):
+            return route
+        best = ""
+        for prefix in self.http_prefix_routes:
+            if len(prefix) > len(best) and path.startswith(prefix):
+                best = prefix
+        return self.http_prefix_routes[best] if best else None
 
     # -- upgrades ----------------------------------------------------------
 
@@ -439,6 +420,11 @@ def _take_socket(handler):
 def _format_address(address):
     host, port = address[:2]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _no_application(environ, start_response):
+    """gevent's server wants an application; glb's handler class never calls it."""
+    raise RuntimeError("glb answers every request itself")
 
 
 class _PywsgiErrorLog:

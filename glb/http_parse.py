@@ -1,0 +1,469 @@
+"""HTTP/1.1 message framing, strictly (RFC 9112), with no sockets: bytes in, heads and body pieces out.
+
+Heads are parsed by ``httptools`` (llhttp, the C parser uvicorn uses) in its strict
+mode, plus the rules it leaves to the caller. What a head may not do, answered
+with ``HeadError`` (status 400 unless said otherwise) and never forwarded:
+
+- two ``Content-Length`` headers (even equal), a length that is not plain digits
+  (``+5``, ``0x5``, ``5, 5``), ``Content-Length`` beside ``Transfer-Encoding``;
+- ``Transfer-Encoding`` other than exactly one ``chunked`` (``gzip, chunked``,
+  ``xchunked``, two headers): only chunked framing is understood;
+- a header name that is not a token (``X Bad``, ``Transfer-Encoding :``), a value
+  with a control character, obs-fold, a bare CR or LF, a missing or repeated
+  ``Host`` in HTTP/1.1, more than ``MAX_HEADERS`` headers (431), a version other
+  than 1.0 / 1.1 (505), CONNECT (405).
+
+Bodies are framed here too, not by llhttp, so the caller always knows where a
+message ends and what follows it: ``LengthBody`` counts, ``ChunkedBody`` decodes
+chunks (a bad chunk size is a ``HeadError``) and collects trailers. Response heads
+go through the same checks (``parse_response_head``); the caller turns a failure
+into 502.
+"""
+
+import re
+
+import httptools
+
+from glb.errors import Status
+
+MAX_HEADERS = 100
+MAX_CHUNK_LINE = 4096  # a chunk-size line with its extensions
+NO_BODY_STATUSES = frozenset({204, 304})
+
+_HEAD_END = b"\r\n\r\n"
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+_FIELD_VALUE_BAD = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_HEX = re.compile(rb"[0-9A-Fa-f]{1,16}\Z")
+
+
+class HeadError(Exception):
+    """The peer sent something that is not HTTP/1.1 as RFC 9112 holds it: answer ``status`` and close."""
+
+    def __init__(self, reason, status=Status.BAD_REQUEST):
+        super().__init__(reason)
+        self.reason, self.status = reason, status
+
+
+# --------------------------------------------------------------------------- heads
+
+
+class _Collector:
+    """httptools callbacks: the target (or status text) and the header pairs, as bytes."""
+
+    __slots__ = ("url", "reason", "headers", "complete")
+
+    def __init__(self):
+        self.url = b""
+        self.reason = b""
+        self.headers = []
+        self.complete = False
+
+    def on_url(self, url):
+        self.url += url
+
+    def on_status(self, reason):
+        self.reason += reason
+
+    def on_header(self, name, value):
+        self.headers.append((name, value))
+
+    def on_headers_complete(self):
+        self.complete = True
+
+
+class HeadReader:
+    """Finds one head in a growing buffer and feeds llhttp as bytes arrive, so garbage fails early.
+
+    ``feed(buffer)`` returns the head's length (through the blank line) once it is
+    complete, else None; ``buffer`` is the caller's bytearray, not consumed here.
+    """
+
+    def __init__(self, response=False, max_size=16384):
+        self.collector = _Collector()
+        self.parser = (httptools.HttpResponseParser if response else httptools.HttpRequestParser)(self.collector)
+        self.max_size = max_size
+        self.fed = 0
+
+    def feed(self, buffer):
+        end = buffer.find(_HEAD_END, max(0, self.fed - 3))
+        stop = len(buffer) if end < 0 else end + 4
+        if stop > self.max_size:
+            if buffer.find(b"\r\n", 0, self.max_size) < 0:
+                raise HeadError("request line longer than [http] max_head_size", Status.URI_TOO_LONG)
+            raise HeadError("head larger than [http] max_head_size", Status.HEADERS_TOO_LARGE)
+        if stop > self.fed:
+            try:
+                self.parser.feed_data(bytes(buffer[self.fed:stop]))
+            except httptools.HttpParserUpgrade:
+                pass  # llhttp stops at an upgrade's blank line: the head is complete all the same
+            except httptools.HttpParserError as exc:
+                raise HeadError(f"malformed head: {exc}") from None
+            self.fed = stop
+            if len(self.collector.headers) > MAX_HEADERS:
+                raise HeadError(f"more than {MAX_HEADERS} header fields",
+                                Status.HEADERS_TOO_LARGE)
+        return stop if end >= 0 else None
+
+
+class Framing:
+    """How a message's body is delimited: ``length`` (an int), ``chunked``, or neither."""
+
+    __slots__ = ("length", "chunked")
+
+    def __init__(self, length=None, chunked=False):
+        self.length, self.chunked = length, chunked
+
+    @property
+    def has_body(self):
+        return self.chunked or bool(self.length)
+
+
+# Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus the
+# proxy ones; a proxy never forwards them. Names listed in Connection join them.
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "te", "trailer", "trailers", "transfer-encoding", "upgrade",
+    "proxy-connection", "proxy-authenticate", "proxy-authorization",
+})
+_HOP = 1  # codes for the header names the one pass over a head looks at
+_LENGTH, _CODING, _HOST, _CONNECTION, _UPGRADE, _EXPECT = range(2, 8)
+_NAME_CODES = dict.fromkeys((name.encode() for name in HOP_BY_HOP), _HOP)
+_NAME_CODES.update({b"content-length": _LENGTH, b"transfer-encoding": _CODING, b"host": _HOST,
+                    b"connection": _CONNECTION, b"upgrade": _UPGRADE, b"expect": _EXPECT})
+_WHITESPACE_END = (b" ", b"\t")
+
+
+def decode_pairs(raw):
+    """``(name, value)`` byte pairs as str pairs (Latin-1, as RFC 9110 allows for obs-text)."""
+    return [(name.decode("latin-1"), value.decode("latin-1")) for name, value in raw]
+
+
+class _Scan:
+    """What one pass over a head's header fields found."""
+
+    __slots__ = ("kept", "framing", "hosts", "connection", "upgrade", "expect")
+
+
+def _scan(raw_headers, drop_hop_by_hop=False):
+    """One pass, bytes only: the pairs kept (values without trailing whitespace) and the framing.
+
+    llhttp has already refused names that are not tokens and values with control
+    characters; what is left is framing (one length or one ``chunked``, never both)
+    and, for a response, dropping hop-by-hop headers in the same pass.
+    """
+    kept = []
+    lengths, codings, hosts, connection, upgrade, expect = [], [], 0, set(), b"", b""
+    codes = _NAME_CODES
+    for pair in raw_headers:
+        value = pair[1]
+        if value[-1:] in _WHITESPACE_END:
+            value = value.rstrip(b" \t")
+            pair = (pair[0], value)
+        code = codes.get(pair[0].lower())
+        if code is not None:
+            if code == _LENGTH:
+                lengths.append(value)
+            elif code == _CODING:
+                codings.append(value)
+                code = _HOP
+            elif code == _HOST:
+                hosts += 1
+            elif code == _CONNECTION:
+                for token in value.split(b","):
+                    connection.add(token.strip().lower())
+                code = _HOP
+            elif code == _UPGRADE:
+                upgrade = value.strip().lower()
+                code = _HOP
+            elif code == _EXPECT:
+                expect = value.strip().lower()
+            if drop_hop_by_hop and code == _HOP:
+                continue
+        kept.append(pair)
+    if drop_hop_by_hop and connection and not connection <= {b"close", b"keep-alive"}:
+        kept = [pair for pair in kept if pair[0].lower() not in connection]
+    framing = Framing()
+    if codings:
+        if lengths:
+            raise HeadError("Content-Length beside Transfer-Encoding")
+        if len(codings) > 1 or codings[0].lower() != b"chunked":
+            raise HeadError("Transfer-Encoding other than one 'chunked'")
+        framing.chunked = True
+    elif lengths:
+        if len(lengths) > 1:
+            raise HeadError("more than one Content-Length")
+        if not lengths[0].isdigit() or len(lengths[0]) > 18:
+            raise HeadError("Content-Length is not a number")
+        framing.length = int(lengths[0])
+    scan = _Scan()
+    scan.kept, scan.framing, scan.hosts, scan.connection, scan.upgrade, scan.expect = (
+        kept, framing, hosts, connection, upgrade, expect)
+    return scan
+
+
+def _keep_alive(version, connection):
+    """RFC 9112 §9.3: HTTP/1.1 persists unless ``close``; HTTP/1.0 only with ``keep-alive``."""
+    if b"close" in connection:
+        return False
+    return version == "1.1" or b"keep-alive" in connection
+
+
+class _Head:
+    """``raw_headers`` as received (bytes pairs); ``headers`` the same decoded, made on first use."""
+
+    __slots__ = ()
+
+    @property
+    def headers(self):
+        if self._headers is None:
+            self._headers = decode_pairs(self.raw_headers)
+        return self._headers
+
+
+class RequestHead(_Head):
+    """One parsed request head: what the rest of glb reads."""
+
+    __slots__ = ("method", "target", "path", "query", "version", "raw_headers", "_headers", "framing",
+                 "keep_alive", "expect_continue", "upgrade", "connection")
+
+    def __repr__(self):
+        return f"<RequestHead {self.method} {self.target} HTTP/{self.version}>"
+
+
+def parse_request_head(reader):
+    """The RequestHead from a HeadReader whose ``feed`` returned a length; raises HeadError."""
+    collector, parser = reader.collector, reader.parser
+    version = parser.get_http_version()
+    if version not in ("1.1", "1.0"):
+        raise HeadError(f"HTTP/{version} is not supported", Status.VERSION_NOT_SUPPORTED)
+    head = RequestHead()
+    head.method = parser.get_method().decode("ascii")
+    if head.method == "CONNECT":
+        raise HeadError("CONNECT is not supported", Status.METHOD_NOT_ALLOWED)
+    scan = _scan(collector.headers)
+    raw, hosts = scan.kept, scan.hosts
+    target = collector.url.decode("latin-1")
+    if not target.startswith("/"):
+        if target == "*" and head.method == "OPTIONS":
+            pass
+        elif target.lower().startswith(("http://", "https://")):
+            authority, _, rest = target.split("://", 1)[1].partition("/")
+            target = "/" + rest
+            raw = [pair for pair in raw if pair[0].lower() != b"host"] + [(b"Host", authority.encode("latin-1"))]
+            hosts = 1
+        else:
+            raise HeadError("request target is not a path")
+    if version == "1.1" and hosts != 1:
+        raise HeadError("HTTP/1.1 request needs exactly one Host header")
+    if hosts > 1:
+        raise HeadError("more than one Host header")
+    head.target = target
+    head.path, _, head.query = target.partition("?")
+    head.version = version
+    head.raw_headers = raw
+    head._headers = None
+    head.framing = scan.framing
+    head.keep_alive = _keep_alive(version, scan.connection)
+    head.connection = scan.connection  # lower-case tokens of Connection: hop-by-hop names among them
+    head.expect_continue = scan.expect == b"100-continue" and version == "1.1"
+    head.upgrade = scan.upgrade.decode("latin-1")
+    return head
+
+
+class ResponseHead(_Head):
+    """One parsed response head from a backend; ``raw_headers`` without the hop-by-hop ones."""
+
+    __slots__ = ("status", "reason", "version", "raw_headers", "_headers", "framing", "keep_alive")
+
+
+def parse_response_head(reader, request_method):
+    """The ResponseHead from a HeadReader; ``framing`` follows RFC 9112 §6.3 for ``request_method``."""
+    collector, parser = reader.collector, reader.parser
+    version = parser.get_http_version()
+    if version not in ("1.1", "1.0"):
+        raise HeadError(f"HTTP/{version} response")
+    head = ResponseHead()
+    head.status = parser.get_status_code()
+    head.reason = collector.reason.decode("latin-1")
+    head.version = version
+    scan = _scan(collector.headers, drop_hop_by_hop=True)
+    head.raw_headers = scan.kept
+    head._headers = None
+    framing = scan.framing
+    head.keep_alive = _keep_alive(version, scan.connection)
+    if request_method == "HEAD" or head.status < 200 or head.status in NO_BODY_STATUSES:
+        framing = Framing(length=0)
+    elif not framing.chunked and framing.length is None:
+        head.keep_alive = False  # delimited by the backend closing the connection
+    head.framing = framing
+    return head
+
+
+# --------------------------------------------------------------------------- bodies
+
+
+class LengthBody:
+    """A Content-Length body: ``take(buffer)`` removes and returns what belongs to it."""
+
+    __slots__ = ("remaining",)
+
+    def __init__(self, length):
+        self.remaining = length
+
+    @property
+    def done(self):
+        return self.remaining == 0
+
+    def take(self, buffer):
+        """(data, trailers): the body bytes at the start of ``buffer`` (removed from it)."""
+        n = min(self.remaining, len(buffer))
+        data = bytes(buffer[:n])
+        del buffer[:n]
+        self.remaining -= n
+        return data, None
+
+
+class UntilCloseBody:
+    """A response body delimited by the backend closing the connection."""
+
+    __slots__ = ("done",)
+
+    def __init__(self):
+        self.done = False
+
+    def take(self, buffer):
+        data = bytes(buffer)
+        del buffer[:]
+        return data, None
+
+    def end(self):
+        self.done = True
+
+
+class ChunkedBody:
+    """A chunked body, decoded: ``take(buffer)`` returns the chunk data found and, at the end, the trailers.
+
+    Every chunk-size line must be 1-16 hex digits (extensions after ``;`` are
+    dropped); anything else is a HeadError. Trailers are checked like header fields.
+    """
+
+    _SIZE, _DATA, _DATA_END, _TRAILERS, _DONE = range(5)
+
+    def __init__(self):
+        self.state = self._SIZE
+        self.remaining = 0
+        self.trailers = []
+
+    @property
+    def done(self):
+        return self.state == self._DONE
+
+    def take(self, buffer):
+        out = []
+        trailers = None
+        while True:
+            if self.state == self._SIZE:
+                end = buffer.find(b"\r\n")
+                if end < 0:
+                    if len(buffer) > MAX_CHUNK_LINE:
+                        raise HeadError("chunk-size line too long")
+                    break
+                size = bytes(buffer[:end]).split(b";", 1)[0].rstrip(b" \t")
+                if not _HEX.match(size):
+                    raise HeadError(f"bad chunk size {bytes(buffer[:min(end, 40)])!r}")
+                del buffer[:end + 2]
+                self.remaining = int(size, 16)
+                self.state = self._DATA if self.remaining else self._TRAILERS
+            elif self.state == self._DATA:
+                if not buffer:
+                    break
+                n = min(self.remaining, len(buffer))
+                out.append(bytes(buffer[:n]))
+                del buffer[:n]
+                self.remaining -= n
+                if not self.remaining:
+                    self.state = self._DATA_END
+            elif self.state == self._DATA_END:
+                if len(buffer) < 2:
+                    break
+                if buffer[:2] != b"\r\n":
+                    raise HeadError("chunk data not followed by CRLF")
+                del buffer[:2]
+                self.state = self._SIZE
+            elif self.state == self._TRAILERS:
+                end = buffer.find(b"\r\n")
+                if end < 0:
+                    if len(buffer) > MAX_CHUNK_LINE:
+                        raise HeadError("trailer line too long")
+                    break
+                line = bytes(buffer[:end])
+                del buffer[:end + 2]
+                if not line:
+                    self.state = self._DONE
+                    trailers = self.trailers
+                    break
+                name, sep, value = line.partition(b":")
+                if not sep or not _TOKEN.match(name) or _FIELD_VALUE_BAD.search(value.strip(b" \t")):
+                    raise HeadError(f"malformed trailer {line[:40]!r}")
+                if len(self.trailers) >= MAX_HEADERS:
+                    raise HeadError("too many trailers")
+                self.trailers.append((name.decode("ascii"), value.strip(b" \t").decode("latin-1")))
+            else:
+                break
+        return b"".join(out), trailers
+
+
+def body_for(framing):
+    """The body decoder for a Framing (None when there is no body)."""
+    if framing.chunked:
+        return ChunkedBody()
+    if framing.length:
+        return LengthBody(framing.length)
+    return None
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def encode_head(first_line, headers):
+    """A head's bytes: the first line, ``Name: value`` lines, the blank line (latin-1)."""
+    parts = [first_line]
+    parts.extend(f"{name}: {value}" for name, value in headers)
+    parts.append("\r\n")
+    return "\r\n".join(parts).encode("latin-1")
+
+
+def encode_raw_head(first_line, raw_headers, extra=b""):
+    """A head's bytes from bytes: ``first_line`` (no CRLF), ``(name, value)`` byte pairs, ``extra`` lines."""
+    parts = [first_line]
+    for name, value in raw_headers:
+        parts += (b"\r\n", name, b": ", value)
+    parts += (b"\r\n", extra, b"\r\n")
+    return b"".join(parts)
+
+
+def encode_pairs(pairs):
+    """Str pairs (a handler's) as byte pairs, each checked first (ValueError for a broken one)."""
+    out = []
+    for name, value in pairs:
+        check_header_text(name, value)
+        out.append((name.encode("latin-1"), value.encode("latin-1")))
+    return out
+
+
+def encode_chunk(data):
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+def encode_last_chunk(trailers=()):
+    if not trailers:
+        return b"0\r\n\r\n"
+    return b"0\r\n" + "".join(f"{name}: {value}\r\n" for name, value in trailers).encode("latin-1") + b"\r\n"
+
+
+def check_header_text(name, value):
+    """Raise ValueError for a handler-supplied header that would break the head (CR, LF, non-Latin-1)."""
+    if not _TOKEN.match(name.encode("latin-1")):
+        raise ValueError(f"header name {name!r} is not a token")
+    data = value.encode("latin-1")
+    if _FIELD_VALUE_BAD.search(data):
+        raise ValueError(f"control character in header {name}")

@@ -1,0 +1,204 @@
+"""Keep-alive connections to backends for plain HTTP: one bounded pool per backend address.
+
+A ``BackendConnection`` is a socket and its read buffer; ``Pools`` hands one out
+(an idle one first, else a new connection) and takes it back when a response
+ended cleanly and both sides allow keep-alive. Rules:
+
+- at most ``maxsize`` idle connections per address and ``max_pools`` addresses
+  (the least recently used pool is closed beyond that);
+- an idle connection is closed after ``idle_timeout``, and every connection of a
+  backend that left the registry is closed, by ``sweep()`` (HttpProxy's sweeper
+  greenlet calls it) and when one is given back;
+- an idle connection the backend already closed (readable while idle) is
+  dropped at checkout instead of being handed out.
+"""
+
+import errno
+import socket
+import time
+from collections import OrderedDict
+from urllib.parse import urlsplit
+
+import gevent.ssl
+
+from glb.http_parse import HeadReader, parse_response_head
+from glb.registry import GONE
+
+RECV_SIZE = 65536
+_PEEK = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)  # an int: the flags enum costs a call per use
+
+
+def send_all(sock, data):
+    """``sendall`` without gevent's per-call buffer-size lookup: one ``send`` usually takes it all."""
+    sent = sock.send(data)
+    if sent < len(data):
+        sock.sendall(memoryview(data)[sent:])
+
+
+class BackendClosed(ConnectionResetError):
+    """The backend closed the connection (before or during a response)."""
+
+
+class BackendConnection:
+    """One connection to a backend: the socket, bytes read but not used yet, and where it came from."""
+
+    __slots__ = ("sock", "buffer", "address", "backend", "reused", "idle_since", "got_bytes")
+
+    def __init__(self, sock, address, backend):
+        self.sock = sock
+        self.buffer = bytearray()
+        self.address = address
+        self.backend = backend
+        self.reused = False
+        self.idle_since = 0.0
+        self.got_bytes = False  # any byte of the current response arrived
+
+    def fill(self):
+        """Read what the backend sent next into ``buffer``; BackendClosed at EOF."""
+        data = self.sock.recv(RECV_SIZE)
+        if not data:
+            raise BackendClosed(errno.ECONNRESET, "the backend closed the connection")
+        self.got_bytes = True
+        self.buffer += data
+
+    def read_head(self, method, max_size):
+        """The next response head (1xx included); raises HeadError for a malformed one."""
+        reader = HeadReader(response=True, max_size=max_size)
+        while True:
+            if self.buffer:
+                end = reader.feed(self.buffer)
+                if end is not None:
+                    del self.buffer[:end]
+                    return parse_response_head(reader, method)
+            self.fill()
+
+    def closed_while_idle(self):
+        """True if the backend closed (or sent something) while this connection sat in the pool."""
+        raw = getattr(self.sock, "_sock", None)  # gevent's socket wraps the OS one; TLS has none
+        if raw is None or self.buffer:
+            return bool(self.buffer)
+        try:
+            raw.recv(1, _PEEK)
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+        return True
+
+    def close(self):
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+class Pools:
+    """Every backend address's idle connections; ``get``/``put``/``discard`` around each exchange."""
+
+    def __init__(self, connect_timeout, read_timeout, maxsize, max_pools, idle_timeout, ssl_context=None):
+        self.connect_timeout, self.read_timeout = connect_timeout, read_timeout
+        self.maxsize, self.max_pools, self.idle_timeout = maxsize, max_pools, idle_timeout
+        self.ssl_context = ssl_context  # a callable giving the client context for https:// backends
+        self._idle = OrderedDict()  # address -> [BackendConnection], most recently used last
+        self._addresses = {}  # base URL -> (scheme, host, port, netloc)
+        self.opened = 0  # connections made, ever (for tests and the benchmark)
+
+    def address(self, base):
+        """``(scheme, host, port, netloc)`` of a backend's base URL (cached)."""
+        found = self._addresses.get(base)
+        if found is None:
+            parts = urlsplit(base)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(f"not an http(s) backend address: {base!r}")
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+            found = self._addresses[base] = (parts.scheme, parts.hostname, port, parts.netloc)
+        return found
+
+    def get(self, base, backend=None):
+        """A connection to ``base``: an idle one still open, else a new one (OSError if none can be made)."""
+        address = self.address(base)
+        idle = self._idle.get(address)
+        while idle:
+            conn = idle.pop()
+            if conn.closed_while_idle():
+                conn.close()
+                continue
+            conn.reused = True
+            conn.got_bytes = False
+            conn.backend = backend
+            return conn
+        scheme, host, port, _ = address
+        sock = socket.create_connection((host, port), timeout=self.connect_timeout)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if scheme == "https":
+                sock = self.ssl_context().wrap_socket(sock, server_hostname=host)
+            sock.settimeout(self.read_timeout)
+        except BaseException:
+            sock.close()
+            raise
+        self.opened += 1
+        return BackendConnection(sock, address, backend)
+
+    def put(self, conn):
+        """Keep ``conn`` for the next request to its address (or close it if the pool is full or the backend left)."""
+        if conn.buffer or _gone(conn.backend):
+            return conn.close()
+        idle = self._idle.get(conn.address)
+        if idle is None:
+            idle = self._idle[conn.address] = []
+            while len(self._idle) > self.max_pools:
+                _, oldest = self._idle.popitem(last=False)
+                _close_all(oldest)
+        else:
+            self._idle.move_to_end(conn.address)
+        if len(idle) >= self.maxsize:
+            return conn.close()
+        conn.idle_since = time.monotonic()
+        idle.append(conn)
+
+    def discard(self, conn):
+        conn.close()
+
+    def sweep(self, now=None):
+        """Close connections idle longer than ``idle_timeout`` and those of backends that left."""
+        now = time.monotonic() if now is None else now
+        for address in list(self._idle):
+            idle = self._idle[address]
+            keep = []
+            for conn in idle:
+                if now - conn.idle_since > self.idle_timeout or _gone(conn.backend):
+                    conn.close()
+                else:
+                    keep.append(conn)
+            if keep:
+                self._idle[address] = keep
+            else:
+                del self._idle[address]
+
+    def idle_count(self):
+        return sum(len(idle) for idle in self._idle.values())
+
+    def close(self):
+        for idle in self._idle.values():
+            _close_all(idle)
+        self._idle.clear()
+
+
+def _gone(backend):
+    return getattr(backend, "state", None) == GONE
+
+
+def _close_all(conns):
+    for conn in conns:
+        conn.close()
+
+
+def backend_ssl_context_factory(balancer):
+    """The client TLS context for https:// backends: the balancer's (from ``[backends]``), else a default one."""
+    def context():
+        try:
+            return balancer.backend_ssl_context()
+        except AttributeError:
+            return gevent.ssl.create_default_context()
+    return context
