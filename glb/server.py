@@ -71,6 +71,7 @@ class Balancer:
         self.sessions = Group()  # every session greenlet, so stop() can wait for them
         self.servers = []
         self.stopping = False
+        self.handed_over = False  # the listeners went to a new glb (SIGUSR2); this one drains
         self.control_channels = {}  # guid -> ControlSession whose server data was accepted
         self.reload_hooks = []  # f(old_settings, new_settings), called once a reload is applied (glb.reload)
         self.ws_routes = {
@@ -162,6 +163,11 @@ class Balancer:
             now = time.monotonic()
             for session in list(self.client_sessions):
                 session.keep_alive(now, glb.ping_interval, glb.ping_timeout, glb.idle_timeout)
+
+    @property
+    def ending_keep_alive(self):
+        """No further requests on kept-alive HTTP connections: stopping, or handed over to a new glb."""
+        return self.stopping or self.handed_over
 
     @property
     def addresses(self):
