@@ -38,9 +38,10 @@ channel to one glb dropped). Each glb tells the agent which backends it relays t
 ``broadcast`` covers every backend a registered glb holds, each once: the envelope goes
 unchanged to the glb holding the most (among equals, the one registered longest), and to
 each other glb holding backends not covered yet behind a route record
-(``glb@broadcast@to``) naming just those. A glb that has not said what it holds (an older
-glb, or the moment between ready and its answer) gets the whole envelope only when no glb
-has said anything. Delivery is at most once: an envelope sent while no glb is connected,
+(``glb@broadcast@to``) naming just those. Until every glb it is registered with has said
+what it holds (the moment between ready and the answer; a glb without the extension never
+does), the agent sends the whole envelope to the glb it has been registered with longest:
+after a restart the glbs that stayed up have held everyone all along. Delivery is at most once: an envelope sent while no glb is connected,
 or lost with a dropped channel, is gone; for about 0.1 s after the pool changes (until
 glb's push arrives) a backend that just joined a glb may get an envelope twice, and one
 that just left it may miss one.
@@ -426,19 +427,21 @@ class Agent:
         """``[(link, backends)]``: the glbs a broadcast goes through now and, for all but the first,
         the guids it is for there (None: every backend that glb holds); [] when none is connected.
 
-        First the glb said to hold the most backends (among equals, or when none has said, the
-        one registered longest); then, while some glb holds backends not covered yet, the one
-        holding most of them, for just those.
+        First the glb holding the most backends (among equals, the one registered longest);
+        then, while some glb holds backends not covered yet, the one holding most of them, for
+        just those. While a glb has not said what it holds: the one registered longest, alone.
         """
         registered = sorted((link for link in self.links if link.registered_at is not None),
                             key=lambda link: link.registered_at)
         if not registered:
             connected = next((link for link in self.links if link.outbox is not None), None)
             return [] if connected is None else [(connected, None)]
-        primary = max(registered, key=lambda link: -1 if link.ready_backends is None else len(link.ready_backends))
+        if any(link.ready_backends is None for link in registered):
+            return [(registered[0], None)]
+        primary = max(registered, key=lambda link: len(link.ready_backends))
         plan = [(primary, None)]
-        covered = set(primary.ready_backends or ())
-        others = [link for link in registered if link is not primary and link.ready_backends is not None]
+        covered = set(primary.ready_backends)
+        others = [link for link in registered if link is not primary]
         while others:
             link = max(others, key=lambda link: len(link.ready_backends - covered))
             extra = link.ready_backends - covered
