@@ -38,6 +38,7 @@ from glb.live import LiveFeed, LiveSession, StatusPage
 from glb.metrics import MetricsEndpoint
 from glb.stats import Stats
 from glb.status import StatusEndpoint
+from glb.ready_set import ReadySetPublisher
 from glb.registry import Registry
 from glb.websocket import WebSocket
 
@@ -73,6 +74,7 @@ class Balancer:
         self.stopping = False
         self.handed_over = False  # the listeners went to a new glb (SIGUSR2); this one drains
         self.control_channels = {}  # guid -> ControlSession whose server data was accepted
+        self.ready_set = ReadySetPublisher(self)  # tells subscribed agents which backends get envelopes
         self.reload_hooks = []  # f(old_settings, new_settings), called once a reload is applied (glb.reload)
         self.ws_routes = {
             self.prefix + "echo": EchoSession,
@@ -188,6 +190,7 @@ class Balancer:
         for part in (self.health, self.rebalancer, self.pool):
             part.stop()
         self.live_feed.stop()
+        self.ready_set.stop()
         for server in self.servers:
             server.close()
         for conn in list(self.connections.values()):
