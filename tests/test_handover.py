@@ -119,6 +119,7 @@ def test_sigusr2_hands_over_listeners_and_agents_then_drains_with_1001(tmp_path,
             assert traffic.errors == [] and traffic.received == traffic.sent
             # after drain_timeout, each of the 50 gets 1001 going away
             for ws in sessions:
+                ws.settimeout(15)  # drain_timeout and drain_spread, with room for a busy machine
                 assert recv_close(ws) == (1001, "going away")
                 ws.close()
             assert old.proc.wait(timeout=20) == 0
