@@ -213,6 +213,9 @@ def check_header(header, expect_masked):
 class _MessageSequence:
     """Fragment ordering and the size limit, the part of validation that needs history."""
 
+    # two per relayed session, thousands of sessions: no per-instance __dict__
+    __slots__ = ("max_message_size", "in_message", "_message_size", "messages")
+
     def __init__(self, max_message_size):
         self.max_message_size = max_message_size
         self.in_message = False  # inside a fragmented data message
@@ -246,6 +249,8 @@ class FrameReader(_MessageSequence):
     so an oversized frame is refused before its payload is buffered; the I/O
     layer calls ``next_frame()`` after every ``feed()``.
     """
+
+    __slots__ = ("expect_masked", "_buffer", "_header", "_decoder")
 
     def __init__(self, max_message_size, expect_masked):
         super().__init__(max_message_size)
@@ -321,6 +326,9 @@ class FrameScanner(_MessageSequence):
     feeding again raises RuntimeError). Only what headers reveal is checked,
     plus close payloads; text payloads are not UTF-8 validated.
     """
+
+    __slots__ = ("expect_masked", "_mask_bit", "_skip", "_head", "_control", "_control_payload",
+                 "_pending_start", "_position", "close_seen", "error")
 
     def __init__(self, max_message_size, expect_masked):
         super().__init__(max_message_size)

@@ -77,6 +77,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_MESSAGE_SIZE = 16 * 1024 * 1024
 RECV_SIZE = 64 * 1024
+NEED_MORE = "need more"  # take_frame(): no whole frame buffered yet
 # Fairness: a reader hands the hub back after this much work, whatever its peer sends. A frame
 # costs its payload size, at least FRAME_COST, so a flood of tiny frames (each handled by Python
 # code: control records, events) yields every TURN_BYTES // FRAME_COST frames, a bulk stream
@@ -154,6 +155,11 @@ class WebSocket:
         return self._closed_by is not None
 
     @property
+    def socket_closed(self):
+        """True once this side has closed the socket."""
+        return self._sock_closed
+
+    @property
     def closed_by(self):
         """``"peer"``, ``"local"`` or ``"error"`` (see the module table); None while open."""
         return self._closed_by
@@ -220,17 +226,50 @@ class WebSocket:
             self._notify()
 
     def _receive_frame(self):
+        if self._turn <= 0:  # a fast peer never makes us wait: let every other greenlet and fd run
+            self._turn = TURN_BYTES
+            yield_turn()
+        while True:
+            frame = self.take_frame()
+            if frame is not NEED_MORE:
+                if frame is not None:
+                    self._turn -= max(len(frame.payload), FRAME_COST)
+                return frame
+            sock = self._sock
+            try:
+                if self._drained:
+                    self._turn = TURN_BYTES  # waiting for the peer lets the others run anyway
+                    wait_readable(sock)
+                data = sock.recv(RECV_SIZE)
+            except OSError as exc:
+                self._lost(f"receive failed: {exc}")
+                return None
+            if not data:
+                self.peer_ended()
+                return None
+            self._drained = self._plain and len(data) < RECV_SIZE
+            self._reader.feed(data)
+
+    def feed(self, data):
+        """Bytes someone else read from this socket (the relay engine), for ``take_frame``."""
+        self._reader.feed(data)
+
+    def take_frame(self):
+        """The next frame from bytes already received, without reading: a Frame, NEED_MORE, or None.
+
+        None once the connection is closed. The protocol's duties are done as in
+        ``receive_frame`` (a ping answered if ``auto_pong``, a close echoed, a
+        violation answered with its close code).
+        """
+        if self._close_received or self._sock_closed:
+            return None
         try:
-            frame = self._read_frame()
+            frame = self._reader.next_frame()
         except ProtocolError as exc:
             self._fail(exc.code, exc.reason)
             return None
-        except ConnectionClosed as exc:
-            self._lost(exc.reason)
-            return None
-        except OSError as exc:
-            self._lost(f"receive failed: {exc}")
-            return None
+        if frame is None:
+            return NEED_MORE
         if frame.opcode == OP_PING:
             if self.auto_pong:
                 self._send_quietly(encode_frame(OP_PONG, frame.payload, mask=self._mask))
@@ -240,25 +279,9 @@ class WebSocket:
             self._on_peer_close(frame.payload)
         return frame
 
-    def _read_frame(self):
-        reader = self._reader
-        sock = self._sock
-        if self._turn <= 0:  # a fast peer never makes us wait: let every other greenlet and fd run
-            self._turn = TURN_BYTES
-            yield_turn()
-        while True:
-            frame = reader.next_frame()
-            if frame is not None:
-                self._turn -= max(len(frame.payload), FRAME_COST)
-                return frame
-            if self._drained:
-                self._turn = TURN_BYTES  # waiting for the peer lets the others run anyway
-                wait_readable(sock)
-            data = sock.recv(RECV_SIZE)
-            if not data:
-                raise ConnectionClosed(CloseCode.ABNORMAL, "connection closed without a close frame")
-            self._drained = self._plain and len(data) < RECV_SIZE
-            reader.feed(data)
+    def peer_ended(self):
+        """The peer ended TCP (EOF) without a close frame."""
+        self._lost("connection closed without a close frame")
 
     def take_unread(self):
         """Bytes received but not yet parsed (``initial`` included), for a caller switching to raw relaying."""
@@ -307,6 +330,20 @@ class WebSocket:
             raise ConnectionClosed(self._close_code, self._close_reason or "")
         self._set_closed("local", *close)
         self._write(data, closing=True)
+
+    def send_now(self, data):
+        """Write what the kernel takes of ``data`` at once; the count written. Never waits or switches.
+
+        0 when the socket is busy (another send under way), closing, TLS, or its
+        buffer is full; a failure is left for the next blocking send to report.
+        For the relay engine's fast path, which runs in the hub.
+        """
+        if self._close_sent or self._sock_closed or not self._plain or self._write_lock.locked():
+            return 0
+        try:
+            return self._sock._sock.send(data)  # the OS socket under gevent's: no wait, no switch
+        except OSError:
+            return 0
 
     def send_between(self, data, at_boundary):
         """Write ``data`` only if no send is under way and ``at_boundary()`` holds; True if written.

@@ -365,6 +365,38 @@ def test_write_data_to_a_relayed_client_waits_for_the_end_of_the_backends_messag
         client.close()
 
 
+@pytest.mark.parametrize("mode", ["raw", "decoded"])
+def test_a_message_of_glbs_own_waiting_for_a_boundary_goes_right_after_the_backends_message(mode):
+    release = gevent.event.Event()
+    payload = b"0123456789" * 1000
+    pieces = [encode_frame(OP_BINARY, payload[:3000], fin=False, mask=False),
+              encode_frame(OP_CONTINUATION, payload[3000:], mask=False)]
+
+    def send_in_two(ws, environ):
+        ws.send_raw(pieces[0])
+        release.wait(10)
+        ws.send_raw(pieces[1])
+        ws.receive()
+
+    backend = ScriptedBackend(send_in_two)
+    with started(backend), running_glb(**{"backend:b0": backend.static_section()}) as glb:
+        if mode == "decoded":  # a raw_message handler makes glb decode the backend's frames
+            glb.bus.add_handler("raw_message", lambda event: None, origin="test")
+        seen = Recorder(glb, "client_connect")
+        client = ws_connect(base_url(glb) + "/")
+        session = seen.wait("client_connect")[0].connection
+        wait_until(lambda: len(client.sock.recv(65536, socket.MSG_PEEK)) >= 3000, timeout=5,
+                   what="the first fragment relayed to the client")
+        waiting = gevent.spawn(session.session.send_to_client, "after", 10)
+        gevent.idle()
+        assert not waiting.ready()  # inside the backend's message: it waits
+        release.set()
+        assert client.recv() == payload  # whole: nothing was written into it
+        assert client.recv() == "after"
+        assert waiting.get(timeout=5) is True
+        client.close()
+
+
 def test_ping_reaches_every_connection_glb_holds():
     backend = ScriptedBackend()
     with started(backend), running_glb(**{"backend:b0": backend.static_section()}) as glb:

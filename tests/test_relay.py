@@ -351,6 +351,25 @@ def test_client_message_handler_uppercases_and_drops():
         ws.close()
 
 
+@pytest.mark.parametrize("handler", [None, "client_message"])
+def test_an_idle_session_raw_or_decoded_parks_no_greenlet(handler):
+    backend = ScriptedBackend()
+    with started(backend), pool(backend) as glb:
+        if handler:
+            glb.bus.add_handler(handler, lambda event: None, origin="test")
+        connects, connected = recorder(glb, "client_connect")
+        ws = ws_connect(base_url(glb) + "/")
+        assert connected.wait(5)
+        ws.send("hello")
+        assert ws.recv() == "hello"
+        with gevent.Timeout(5):  # the greenlet that accepted it returns; io watchers carry the session
+            while len(glb.sessions):
+                gevent.sleep(0.01)
+        ws.send("still relayed")
+        assert ws.recv() == "still relayed"
+        ws.close()
+
+
 def test_client_binary_handler_changes_bytes():
     backend = ScriptedBackend()
     with started(backend), pool(backend) as glb:

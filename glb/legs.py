@@ -1,0 +1,133 @@
+"""The two legs of a relayed session: the client's WebSocket and the backend's.
+
+A leg knows what differs between the two sides (who masks, how long a small
+frame's header is, its name in logs and events), what the closing handshake
+has done on it (``LegClose``), how alive its peer is (for keep-alive), and
+whether the stream glb writes to it is between two frames or messages, so
+glb's own frames (keep-alive pings, ``send_to_client``) never land inside a
+relayed one. Waiting for such a boundary is an event the relay engine signals
+(``wrote``), not a polling loop.
+"""
+import time
+
+from gevent.event import Event
+
+from glb.closing import LegClose
+from glb.errors import ConnectionClosed
+from glb.frames import OP_CLOSE, encode_close_payload, encode_frame
+
+
+class Leg(LegClose):
+    """One side of a session; ``other`` is the opposite leg once both exist."""
+
+    name = ""
+    masks = False  # glb masks the frames it writes to this peer
+    sends_masked = False  # this peer's frames are masked
+    header_size = 2  # header of a small (< 126 bytes) frame from this peer
+
+    __slots__ = ("ws", "plain_sock", "fast", "inbound", "other", "out_scanner", "out_in_message", "last_activity", "last_pong",
+                 "ping_sent", "messages", "bytes", "_boundary")
+
+    def __init__(self, ws):
+        super().__init__()
+        self.ws = ws
+        self.plain_sock = None  # the gevent socket of a plain (not TLS) leg, for the engine's fast path
+        self.fast = False  # the engine may relay this peer's chunks in its watcher callback
+        self.inbound = None  # glb.engine.Decoding when this peer's frames are decoded, None when raw
+        self.other = None
+        self.out_scanner = None  # FrameScanner over the raw stream written to this leg
+        self.out_in_message = False  # decoded writes: a fragmented message to this leg is under way
+        self.last_activity = time.monotonic()  # anything but a pong received from this peer
+        self.last_pong = 0.0
+        self.ping_sent = None  # when glb's last keep-alive ping went to this peer
+        # Received from this peer where no raw scanner counts them (decoded frames, blind forwarding)
+        self.messages = 0
+        self.bytes = 0
+        self._boundary = None  # Event for glb's own frames waiting on a boundary (rarely made)
+
+    def __repr__(self):
+        return f"<{type(self).__name__} {self.ws!r}>"
+
+    @property
+    def sock(self):
+        return self.ws.sock
+
+    def answered_since(self, moment):
+        return self.last_activity >= moment or self.last_pong >= moment
+
+    # -- the stream glb writes to this leg -----------------------------------
+
+    def between_frames(self):
+        """True when what was written to this peer ends between two frames."""
+        scanner = self.out_scanner
+        return scanner is None or (scanner.error is None and scanner.at_boundary)
+
+    def between_messages(self):
+        """True when what was written to this peer ends between two whole messages."""
+        scanner = self.out_scanner
+        if scanner is None:
+            return not self.out_in_message
+        return scanner.error is None and scanner.at_boundary and not scanner.in_message
+
+    def wrote(self):
+        """The engine wrote to this leg: wake whoever waits for a boundary, if one was reached."""
+        boundary = self._boundary
+        if boundary is not None and self.between_frames():
+            self._boundary = None
+            boundary.set()
+
+    def wake(self):
+        """Wake every waiter now (the session is ending, or a write of glb's own finished)."""
+        boundary = self._boundary
+        if boundary is not None:
+            self._boundary = None
+            boundary.set()
+
+    def wait_boundary(self, timeout):
+        """Block until the engine next signals a boundary on this leg, at most ``timeout`` seconds."""
+        if self._boundary is None:
+            self._boundary = Event()
+        self._boundary.wait(timeout)
+
+    # -- closing -------------------------------------------------------------
+
+    def send_close(self, code, reason, mid_frame=False):
+        """Write a close frame if none went yet and the stream is between frames; else end TCP."""
+        if self.close_out:
+            return
+        self.close_out = True
+        frame = encode_frame(OP_CLOSE, encode_close_payload(code, reason), mask=self.masks)
+        try:
+            if mid_frame or not self.between_frames():
+                raise ConnectionClosed(code, "mid-frame")
+            self.ws.send_raw(frame, close=(code, reason))
+        except ConnectionClosed:
+            self.shutdown()
+        self.wake()
+
+    def shutdown(self):
+        """End the TCP connection; whoever reads it sees EOF."""
+        try:
+            self.sock.shutdown(2)
+        except OSError:
+            pass
+
+
+class ClientLeg(Leg):
+    """The downstream client: glb is the WebSocket server here."""
+
+    __slots__ = ()
+    name = "client"
+    masks = False
+    sends_masked = True
+    header_size = 6
+
+
+class BackendLeg(Leg):
+    """The backend: glb is the WebSocket client here, so it masks what it writes."""
+
+    __slots__ = ()
+    name = "backend"
+    masks = True
+    sends_masked = False
+    header_size = 2
