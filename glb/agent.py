@@ -53,7 +53,8 @@ from gevent.queue import Queue
 from glb import control_records
 from glb.control_records import Binding, ClientRecord, RecordError, ServerData
 from glb.errors import CloseCode, ConnectionClosed, HandshakeFailed
-from glb.websocket import OP_BINARY, OP_CONTINUATION, OP_TEXT, connect
+from glb.frames import OP_BINARY, OP_CONTINUATION, OP_TEXT
+from glb.websocket import connect
 
 log = logging.getLogger("glb.agent")
 

@@ -145,7 +145,7 @@ def encode_message_frame(message):
 def relay_targets(balancer):
     """The Outboxes of every control channel whose backend should receive envelopes now."""
     targets = []
-    for session in getattr(balancer, "control_channels", {}).values():
+    for session in balancer.control_channels.values():
         backend = session.registration.backend
         outbox = session.outbox
         if backend is not None and backend.state in RELAY_STATES and outbox is not None:

@@ -71,6 +71,7 @@ class Balancer:
         self.sessions = Group()  # every session greenlet, so stop() can wait for them
         self.servers = []
         self.stopping = False
+        self._sweeper = None  # the keep-alive greenlet, once started
         self.control_channels = {}  # guid -> ControlSession whose server data was accepted
         self.reload_hooks = []  # f(old_settings, new_settings), called once a reload is applied (glb.reload)
         self.ws_routes = {
@@ -177,7 +178,7 @@ class Balancer:
         """Stop accepting, close every session with 1001, wait up to ``timeout``, then kill."""
         timeout = self.settings.glb.shutdown_timeout if timeout is None else timeout
         self.stopping = True
-        if getattr(self, "_sweeper", None) is not None:
+        if self._sweeper is not None:
             self._sweeper.kill(block=False)
         for part in (self.health, self.rebalancer, self.pool):
             part.stop()

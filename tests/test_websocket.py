@@ -15,16 +15,8 @@ import pytest
 from gevent.event import Event
 
 from glb.errors import CloseCode, ConnectionClosed, HandshakeFailed
-from glb.websocket import (
-    OP_BINARY,
-    OP_CLOSE,
-    OP_CONTINUATION,
-    OP_PING,
-    OP_PONG,
-    OP_TEXT,
-    WebSocket,
-    connect,
-)
+from glb.frames import OP_BINARY, OP_CLOSE, OP_CONTINUATION, OP_PING, OP_PONG, OP_TEXT
+from glb.websocket import WebSocket, connect
 from tests.support import hand_frame, slow_mask
 
 KEY = b"\x37\xfa\x21\x3d"
