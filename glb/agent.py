@@ -11,7 +11,7 @@
     agent.stop()                                     # closes every control channel with 1000
 
 One ``Link`` per glb instance owns a greenlet that connects the control channel
-(PROTOCOL.md), registers (server data, bindings, the current client records,
+(docs/protocol.md), registers (server data, bindings, the current client records,
 ready), reports client changes, hands envelopes from glb to ``on_envelope``,
 and reconnects with exponential back-off and jitter whenever the channel
 ends, repeating the whole registration. Every greenlet lives in the agent's
@@ -22,7 +22,7 @@ queue is filled with the registration (client snapshot included) in the same
 step that makes it visible to ``client_connected``/``client_disconnected``, so
 a client record is never sent before server data or overtaken by an older one.
 
-Broadcasts (PROTOCOL.md, "Broadcast across backends")::
+Broadcasts (docs/protocol.md, "Broadcast across backends")::
 
     agent = Agent(urls, ..., on_envelope=deliver)
     agent.broadcast("price 42", channel="prices")    # to the clients of every backend, this one included

@@ -1,6 +1,6 @@
 """Broadcast across backends: per-channel outboxes, and glb's own ``broadcast``/``write_data``/``ping``.
 
-A backend's broadcast envelope (PROTOCOL.md) reaches glb on its control channel;
+A backend's broadcast envelope (docs/protocol.md) reaches glb on its control channel;
 ``ControlSession`` parses it, fires ``message``/``binary`` and, unless handled,
 calls :func:`fan_out`. glb's own API (``Balancer.broadcast``, ``write_data``,
 ``ping``, one-liners delegating here) ends in the same place.

@@ -1,12 +1,12 @@
 """The control channel (backends registering over a WebSocket) and the binding endpoint.
 
 A backend opens a WebSocket on ``/sgc@load_balancer_client`` (or
-``<prefix>control``) and registers (PROTOCOL.md). ``ControlSession`` only
+``<prefix>control``) and registers (docs/protocol.md). ``ControlSession`` only
 moves frames: every text frame goes to ``Registration.receive`` (registry.py),
 whose answer says what happened; this module turns answers into events, close
 codes and relayed envelopes.
 
-Per channel, in order (EVENTS.md)::
+Per channel, in order (docs/events.md)::
 
     connect -> server_connect -> [server_ready] -> server_disconnect -> disconnect
 

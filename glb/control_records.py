@@ -1,6 +1,6 @@
 """Control-channel records and broadcast envelopes: parsing and encoding, no sockets.
 
-A backend's control channel carries two kinds of text frame (see PROTOCOL.md):
+A backend's control channel carries two kinds of text frame (see docs/protocol.md):
 
 * a **record** — a JSON object whose ``method`` is exactly one of the
   ``sgc@lb@...`` names below, or the bare text ``sgc@lb@server@ready``;
