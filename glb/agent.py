@@ -41,8 +41,10 @@ glb is connected, or lost with a dropped channel, is gone.
 
 import logging
 import random
+import ssl
 import time
 import uuid
+from typing import Any, Callable, Iterable
 from urllib.parse import urlsplit, urlunsplit
 
 import gevent
@@ -234,7 +236,8 @@ class Link:
 
     def _read(self, ws, outbox):
         """Hand every message from glb to the agent; any frame (a pong too) proves glb is alive."""
-        parts, is_text = [], False
+        parts: list = []  # str fragments of a text message, bytes of a binary one
+        is_text = False
         try:
             while True:
                 frame = ws.receive_frame()
@@ -283,9 +286,12 @@ class Agent:
     that vanished without closing is noticed. Bad values raise ``RecordError``/``ValueError`` here.
     """
 
-    def __init__(self, lb_urls, guid=None, bindings=(), weight=1, max_clients=0, http=None,
-                 token=None, tags=(), on_envelope=None, ssl_context=None, connect_timeout=10.0,
-                 backoff_base=0.1, backoff_cap=5.0, heartbeat=15.0):
+    def __init__(self, lb_urls: str | list[str], guid: str | None = None,
+                 bindings: Iterable[Binding | tuple] = (), weight: int = 1, max_clients: int = 0,
+                 http: str | None = None, token: str | None = None, tags: Iterable[str] = (),
+                 on_envelope: Callable[[Any], None] | None = None, ssl_context: ssl.SSLContext | None = None,
+                 connect_timeout: float = 10.0, backoff_base: float = 0.1, backoff_cap: float = 5.0,
+                 heartbeat: float = 15.0) -> None:
         if isinstance(lb_urls, str):
             lb_urls = [lb_urls]
         self.guid = guid or str(uuid.uuid4())
@@ -298,7 +304,7 @@ class Agent:
         self.backoff_base, self.backoff_cap = backoff_base, backoff_cap
         self.heartbeat = heartbeat  # seconds between pings to glb; 0 = none
         self.close_wait = 2.0  # seconds stop() gives glb to answer a close
-        self.clients = {}  # conn id -> ClientRecord: every client connected right now
+        self.clients: dict[str, ClientRecord] = {}  # conn id -> every client connected right now
         self.draining = False  # drain() was called: re-announced after every reconnect
         self.group = Group()
         self.stopping = Event()
@@ -325,7 +331,7 @@ class Agent:
 
     # -- lifecycle -------------------------------------------------------------------------------
 
-    def start(self):
+    def start(self) -> "Agent":
         """Start one greenlet per glb; returns at once (registration happens in the background)."""
         if len(self.group):
             raise RuntimeError("agent already started")
@@ -334,7 +340,7 @@ class Agent:
             self.group.spawn(link.run)
         return self
 
-    def stop(self, timeout=5.0):
+    def stop(self, timeout: float = 5.0) -> None:
         """Close every control channel with 1000 and end every greenlet, within about ``timeout`` s."""
         self.stopping.set()
         self.close_wait = min(self.close_wait, timeout / 2)  # time for glb to answer our close
@@ -345,33 +351,33 @@ class Agent:
             self.group.kill(block=True, timeout=1)
 
     @property
-    def registered(self):
+    def registered(self) -> bool:
         """True when every glb has been sent a complete registration on its current channel."""
         return all(link.registered for link in self.links)
 
     # -- clients ---------------------------------------------------------------------------------
 
-    def client_connected(self, conn_id, ip="", channel="", protocol=""):
+    def client_connected(self, conn_id: str, ip: str = "", channel: str = "", protocol: str = "") -> None:
         """A client connected to this backend directly: tell every connected glb."""
         record = ClientRecord(True, conn_id, ip or "", channel or "", protocol or "")
         self.clients[conn_id] = record
         self._send_all(control_records.encode_record(record))
 
-    def client_disconnected(self, conn_id):
+    def client_disconnected(self, conn_id: str) -> None:
         """A client left; unknown ids are ignored."""
         record = self.clients.pop(conn_id, None)
         if record is not None:
             self._send_all(control_records.encode_record(
                 ClientRecord(False, conn_id, record.ip, record.channel, record.protocol)))
 
-    def drain(self, spread=None):
+    def drain(self, spread: float | None = None) -> None:
         """Ask every glb for no new clients; with ``spread`` (seconds) glb also closes this
         backend's sessions with 1012 at random moments within that window, so a deploy can
         stop this process once they are gone."""
         self.draining = True
         self._send_all(control_records.encode_record(control_records.Drain(spread)))
 
-    def undrain(self):
+    def undrain(self) -> None:
         """Take new clients again."""
         self.draining = False
         self._send_all(control_records.encode_record(control_records.Undrain()))
@@ -382,7 +388,7 @@ class Agent:
 
     # -- envelopes -------------------------------------------------------------------------------
 
-    def send_envelope(self, message):
+    def send_envelope(self, message: str | bytes) -> bool:
         """Queue an encoded envelope (str or bytes) on one glb; False if none is connected.
 
         The seam for ``broadcast``: glb relays the envelope to every ready backend, this one
@@ -399,10 +405,11 @@ class Agent:
         """The Link broadcasts go through now, or None when no glb is connected."""
         registered = [link for link in self.links if link.registered_at is not None]
         if registered:
-            return min(registered, key=lambda link: link.registered_at)
+            return min(registered, key=lambda link: link.registered_at or 0.0)
         return next((link for link in self.links if link.outbox is not None), None)
 
-    def broadcast(self, message, channel="", protocol="", include="", exclude="", guid=""):
+    def broadcast(self, message: str | bytes, channel: str = "", protocol: str = "", include: str = "",
+                  exclude: str = "", guid: str = "") -> bool:
         """Send ``message`` (str or bytes) to the clients of every backend glb holds, this one included.
 
         The filters travel in the envelope and each backend applies them to its own clients

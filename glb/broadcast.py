@@ -164,7 +164,8 @@ def fan_out(balancer, envelope):
 
 # -- glb's own API (Balancer.broadcast / write_data / ping delegate here) -------------------------
 
-def broadcast(balancer, message, channel="", protocol="", include="", exclude=""):
+def broadcast(balancer, message: str | bytes, channel: str = "", protocol: str = "", include: str = "",
+              exclude: str = "") -> int:
     """Send ``message`` to the clients of every ready backend, as an envelope through the backends.
 
     ``message`` str: a text envelope with the filters (``include``/``exclude``: comma-separated
@@ -181,7 +182,7 @@ def broadcast(balancer, message, channel="", protocol="", include="", exclude=""
     return fan_out(balancer, envelope)
 
 
-def write_data(balancer, connection_id, message):
+def write_data(balancer, connection_id: str, message: str | bytes) -> int:
     """Send ``message`` (str or bytes) to one of glb's own connections (``Connection.id``); 1 if written.
 
     Only glb's ids: a backend's client ids are another namespace (``write_backend_client``), so
@@ -216,7 +217,7 @@ def write_backend_client(balancer, client_id, message):
     return fan_out(balancer, envelope)
 
 
-def ping(balancer):
+def ping(balancer) -> int:
     """Ping every WebSocket glb accepted (client sessions, control channels, own sessions); how many.
 
     A client session whose relayed stream is mid-frame at that moment is skipped (it is

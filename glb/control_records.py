@@ -120,8 +120,8 @@ class ServerData:
     guid: str
     weight: int = 1
     max_clients: int = 0
-    http: str = None
-    tags: tuple = ()
+    http: str | None = None
+    tags: tuple[str, ...] = ()
 
     def __post_init__(self):
         _check_id(SERVER_DATA, "guid", self.guid)
@@ -182,7 +182,7 @@ class Drain:
     """glb extension: no new clients for this backend; ``spread`` (seconds) closes its
     sessions with 1012 at random moments within that window, None keeps them."""
 
-    spread: float = None
+    spread: float | None = None
 
     def __post_init__(self):
         spread = self.spread
@@ -238,7 +238,8 @@ def parse_record(text):
         return None
     if not isinstance(obj, dict):
         return None
-    parser = _PARSERS.get(obj.get("method")) if isinstance(obj.get("method"), str) else None
+    method = obj.get("method")
+    parser = _PARSERS.get(method) if isinstance(method, str) else None
     return parser(obj) if parser else None
 
 
@@ -265,7 +266,7 @@ def encode_record(record):
     if isinstance(record, Undrain):
         return _dumps({"method": UNDRAIN})
     if isinstance(record, ServerData):
-        obj = {"method": SERVER_DATA, "guid": record.guid}
+        obj: dict[str, object] = {"method": SERVER_DATA, "guid": record.guid}
         if record.weight != 1:
             obj["weight"] = record.weight
         if record.max_clients:

@@ -482,7 +482,7 @@ def _only_pongs(notes, size, header_size):
 # worker is only switched into. At most IDLE_WORKERS wait; more are made on demand
 # (while jobs block in sends) and end when not needed.
 IDLE_WORKERS = 64
-_idle_workers = []
+_idle_workers: list[greenlet] = []
 
 
 def run_on_worker(func, arg):

@@ -61,7 +61,7 @@ def pair(balancer, conn, environ):
     request = balancer.pick_request(environ)
     headers = forwarded_headers(conn, environ)
     target = target_of(environ)
-    tried = []
+    tried: list = []  # registry entries already tried
     for _ in range(1 + settings.backend_retries):
         backend = balancer.pick_backend(request, exclude=tried)
         if backend is None:

@@ -318,11 +318,12 @@ class Balancer:
 
     # -- glb's own messages (glb.broadcast) --------------------------------
 
-    def broadcast(self, message, channel="", protocol="", include="", exclude=""):
+    def broadcast(self, message: str | bytes, channel: str = "", protocol: str = "", include: str = "",
+                  exclude: str = "") -> int:
         """Send to the clients of every ready backend as an envelope; how many backends took it."""
         return broadcast.broadcast(self, message, channel, protocol, include, exclude)
 
-    def write_data(self, connection_id, message):
+    def write_data(self, connection_id: str, message: str | bytes) -> int:
         """Send to one of glb's own connections (Connection.id); 1 if written, 0 if not."""
         return broadcast.write_data(self, connection_id, message)
 
@@ -330,7 +331,7 @@ class Balancer:
         """Send to a client a backend reported (its own id), through the backends; how many took it."""
         return broadcast.write_backend_client(self, client_id, message)
 
-    def ping(self):
+    def ping(self) -> int:
         """Ping every WebSocket glb accepted, control channels included; how many were pinged."""
         return broadcast.ping(self)
 
