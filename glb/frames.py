@@ -214,6 +214,9 @@ def check_header(header: FrameHeader, expect_masked: bool) -> None:
 class _MessageSequence:
     """Fragment ordering and the size limit, the part of validation that needs history."""
 
+    # two readers or scanners per relayed session, thousands at once: no per-instance __dict__
+    __slots__ = ("max_message_size", "in_message", "_message_size", "messages")
+
     def __init__(self, max_message_size):
         self.max_message_size = max_message_size
         self.in_message = False  # inside a fragmented data message
@@ -247,6 +250,8 @@ class FrameReader(_MessageSequence):
     so an oversized frame is refused before its payload is buffered; the I/O
     layer calls ``next_frame()`` after every ``feed()``.
     """
+
+    __slots__ = ("expect_masked", "_buffer", "_header", "_decoder")
 
     def __init__(self, max_message_size, expect_masked):
         super().__init__(max_message_size)
@@ -323,6 +328,9 @@ class FrameScanner(_MessageSequence):
     feeding again raises RuntimeError). Only what headers reveal is checked,
     plus close payloads; text payloads are not UTF-8 validated.
     """
+
+    __slots__ = ("expect_masked", "_mask_bit", "_skip", "_head", "_control", "_control_payload",
+                 "_pending_start", "_position", "close_seen", "error")
 
     def __init__(self, max_message_size, expect_masked):
         super().__init__(max_message_size)

@@ -461,7 +461,10 @@ def test_keep_alive_pings_reach_a_quiet_client_and_a_silent_one_is_closed():
         leg = connects[0].session.client
         reader = gevent.spawn(answering.recv)
         silent = RawClient(glb.addresses[0], path="/")  # reads frames, never answers a ping
-        assert silent.read_frame() == (0x9, b"glb")
+        frame = silent.read_frame()
+        if frame == (0xA, b"glb"):  # the backend's answer to glb's ping on that leg, relayed as it is
+            frame = silent.read_frame()
+        assert frame == (0x9, b"glb")
         code, reason = silent.read_close()
         assert code == CloseCode.INTERNAL_ERROR and "ping" in reason
         with gevent.Timeout(5):  # pinged too, and its pong reached glb
