@@ -19,8 +19,10 @@ is allowed from an address in ``[admin] allow`` or with ``[admin] token`` as a
 bearer token; anything else gets 401 (no token presented) or 403, and nothing
 changes. The API is not for browsers: a request with an ``Origin`` other than
 glb's own is refused (403), and a body must be ``application/json`` (415), so a
-web page cannot drive it from an operator's browser on an allowed address. Errors are JSON ``{"error": ...}``: 400 bad body or parameter, 404
-unknown path/backend/session, 405 wrong method, 409 the backend's state forbids it.
+web page cannot drive it from an operator's browser on an allowed address.
+Errors are JSON ``{"error": ...}``: 400 bad body or parameter, 404 unknown
+path/backend/session, 405 wrong method, 409 the backend's state (or the
+balancing policy, for rebalancing) forbids it.
 
 Each endpoint is a plain WSGI callable over a minimal environ (``REQUEST_METHOD``,
 ``PATH_INFO``, ``QUERY_STRING``, ``REMOTE_ADDR``, ``HTTP_*``, ``wsgi.input``).
@@ -33,7 +35,7 @@ import time
 from urllib.parse import parse_qs, unquote
 
 from glb import reload
-from glb.config import REBALANCE_POLICIES
+from glb.config import REBALANCE_POLICIES, rebalance_policy_reason
 from glb.connection import CLIENT
 from glb.control import bearer_token, json_response, peer_address
 from glb.errors import CloseCode, Status, is_sendable_close_code
@@ -296,8 +298,7 @@ class AdminApi:
     def rebalance(self, data, query):
         balancing = self.balancer.settings.glb.balancing
         if balancing not in REBALANCE_POLICIES:
-            raise ApiError(Status.CONFLICT, f"rebalancing needs balancing = least_connections or p2c, not {balancing}: "
-                           "moved clients would not be sent to the emptier backends")
+            raise ApiError(Status.CONFLICT, f"rebalancing {rebalance_policy_reason(balancing)}")
         rebalancer = self.balancer.rebalancer
         moves, chosen, short, _ = rebalancer.plan()
         rebalancer.trigger()

@@ -596,6 +596,11 @@ del _setting
 REBALANCE_POLICIES = ("least_connections", "p2c")
 
 
+def rebalance_policy_reason(balancing):
+    return (f"needs balancing = {' or '.join(REBALANCE_POLICIES)}: with {balancing}, "
+            "moved clients would not be sent to the emptier backends")
+
+
 def cross_checks(settings):
     """Problems no single value shows, as (section, key, reason); the first one found is raised."""
     tls, backends = settings.tls, settings.backends
@@ -630,8 +635,7 @@ def cross_checks(settings):
             except (ssl.SSLError, OSError) as exc:
                 yield section, "cafile", f"not a usable CA bundle: {_ssl_reason(exc)}"
     if settings.glb.rebalance and settings.glb.balancing not in REBALANCE_POLICIES:
-        yield "glb", "rebalance", (f"needs balancing = least_connections or p2c: with {settings.glb.balancing}, "
-                                   "moved clients would not be sent to the emptier backends")
+        yield "glb", "rebalance", rebalance_policy_reason(settings.glb.balancing)
     seen_urls = {}
     for backend in settings.backends_static:
         if backend.url in seen_urls:

@@ -214,7 +214,7 @@ def check_header(header: FrameHeader, expect_masked: bool) -> None:
 class _MessageSequence:
     """Fragment ordering and the size limit, the part of validation that needs history."""
 
-    # two readers or scanners per relayed session, thousands at once: no per-instance __dict__
+    # two per relayed session, thousands of sessions: no per-instance __dict__
     __slots__ = ("max_message_size", "in_message", "_message_size", "messages")
 
     def __init__(self, max_message_size):

@@ -114,6 +114,8 @@ def hand_over(balancer):
     for server in list(balancer.servers):
         server.close()  # only this process's descriptor: the new glb accepts on the same socket
     balancer.servers = []
+    for part in (balancer.health, balancer.rebalancer):  # the pool is the new glb's to watch and balance
+        part.stop()
     channels = [conn for conn in balancer.connections.values() if conn.kind == CONTROL]
     for conn in channels:
         try:

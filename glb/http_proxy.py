@@ -46,7 +46,7 @@ import time
 import gevent
 from urllib3 import HTTPHeaderDict
 
-from glb.balancing import HashPolicy, PickRequest, make_policy
+from glb.balancing import PickRequest, make_policy
 from glb.connection import CLIENT, Connection, Headers
 from glb.errors import Status
 from glb.http_parse import (  # noqa: F401 (HOP_BY_HOP: part of this module's interface)
@@ -493,11 +493,11 @@ class HttpProxy:
         self.backend_host = conf.host_header == "backend"
         self.max_head_size = conf.max_head_size
         self.buffer_limit = BUFFER_LIMIT
-        self.policy = make_policy(settings.glb.balancing, hash_key=settings.glb.hash_key)
+        self.policy = self._policy_of = None  # made by pick(), anew whenever Balancer.policy is replaced
         self.pools = Pools(conf.connect_timeout, conf.read_timeout, conf.pool_maxsize, conf.pool_connections,
                            conf.pool_idle_timeout, backend_ssl_context_factory(balancer))
         self._sweeper = None
-        self.clients = set()  # every open ClientConnection (glb.http_server), so close() ends idle ones
+        self.clients = set()  # every open ClientConnection (glb.http_server), for end_idle_clients()
 
     def start(self):
         """Start the greenlet that closes idle pooled connections and those of departed backends."""
@@ -511,13 +511,16 @@ class HttpProxy:
             self.pools.sweep()
 
     def close(self):
-        """Stop the sweeper, end idle keep-alive client connections, close pooled backend connections."""
+        """Stop the sweeper and close the pooled backend connections (requests in flight finish)."""
         if self._sweeper is not None:
             self._sweeper.kill(block=False)
             self._sweeper = None
+        self.pools.close()
+
+    def end_idle_clients(self):
+        """Close the keep-alive client connections waiting for a next request (glb is stopping)."""
         for client in list(self.clients):
             client.close_if_idle()
-        self.pools.close()
 
     # -- one request ---------------------------------------------------------------------------
 
@@ -575,11 +578,16 @@ class HttpProxy:
         return self.answer(ex, response, failure and failure.text, backend)
 
     def pick(self, pick, exclude=()):
+        """A backend that takes HTTP, by a policy of its own (policies cache by the candidate list)."""
+        if self._policy_of is not self.balancer.policy:  # first use, or a reload changed the balancing
+            glb = self.balancer.settings.glb
+            self._policy_of = self.balancer.policy
+            self.policy = make_policy(glb.balancing, hash_key=glb.hash_key)
         return self.policy.pick(self.balancer.registry.http_candidates(), request=pick, exclude=exclude)
 
     def pick_request(self, request):
         """What the balancing policy looks at; only the hash policy looks at anything."""
-        if not isinstance(self.policy, HashPolicy):
+        if self.balancer.settings.glb.balancing != "hash":
             return None
         query = {}
         for part in request.query.split("&"):

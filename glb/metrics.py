@@ -81,6 +81,10 @@ METRICS = (
     Metric("glb_heartbeat_evictions_total", "counter", (),
            "Registered backends taken out because their control channel missed a heartbeat."),
     Metric("glb_event_handler_errors_total", "counter", ("event",), "Handler calls that raised, by event."),
+    Metric("glb_config_reloads_total", "counter", ("result",),
+           "Config reloads (SIGHUP, admin API), by result: applied, or refused (the running config stayed)."),
+    Metric("glb_config_last_reload_successful", "gauge", (),
+           "0 when the last reload was refused, so the running config is not the one on disk; else 1."),
 )
 
 _FAMILY = {"gauge": GaugeMetricFamily, "counter": CounterMetricFamily, "info": InfoMetricFamily}
@@ -154,6 +158,9 @@ class BalancerCollector:
         f["glb_broadcast_dropped_total"].add_metric([], stats.broadcast_dropped)
         f["glb_rebalance_closes_total"].add_metric([], balancer.rebalance_closes)
         f["glb_heartbeat_evictions_total"].add_metric([], balancer.health.evictions)
+        for result in ("applied", "refused"):
+            f["glb_config_reloads_total"].add_metric([result], stats.reloads[result])
+        f["glb_config_last_reload_successful"].add_metric([], 1 if stats.last_reload_ok else 0)
         for event, count in sorted(balancer.bus.handler_errors.items()):
             if count:
                 f["glb_event_handler_errors_total"].add_metric([event], count)

@@ -190,7 +190,7 @@ def prepare(balancer, settings, handlers):
         existing = registry.get(name)
         if existing is not None and not existing.static:
             raise ConfigError(f"a backend with guid {name!r} is registered over a control channel",
-                                     file, f"backend:{name}")
+                              file, f"backend:{name}")
     try:
         for scheme, addresses in (("http", settings.glb.listen), ("https", settings.tls.listen)):
             for address in addresses:
@@ -227,7 +227,11 @@ def reload_and_log(balancer, path=None):
     except (ConfigError, HandlerLoadError, OSError) as exc:
         reason = f"glb: {exc}"
         log.error("! reload refused; still running the previous config: %s", reason)
+        balancer.stats.reloads["refused"] += 1
+        balancer.stats.last_reload_ok = False
         return None, reason
+    balancer.stats.reloads["applied"] += 1
+    balancer.stats.last_reload_ok = True
     logging.getLogger().setLevel(balancer.settings.glb.log_level.upper())
     log.info("= reloaded %s: %s", path, changes.describe())
     return changes, None
@@ -262,7 +266,9 @@ def _replace_http_proxy(balancer):
     """A new HTTP proxy from the new settings; the old one's pooled connections are closed
     (requests in flight finish on the connections they hold)."""
     old = balancer.http_proxy
-    balancer.http_proxy = type(old)(balancer)
+    balancer.http_proxy = new = type(old)(balancer)
+    new.clients = old.clients  # the open client connections, now served by the new one
+    new.start()
     old.close()
 
 

@@ -202,6 +202,7 @@ class Balancer:
                 gevent.sleep(0.05)
         for server in self.servers:
             server.stop(timeout=0)
+        self.http_proxy.end_idle_clients()
         self.http_proxy.close()  # its pooled backend connections
         self.admission.stop()
 

@@ -30,11 +30,10 @@ def spread_delays(count, window, rng=random, paced=False):
 def close_spread(connections, code, reason, window, rng=random, is_open=None, paced=False):
     """Close each connection with ``(code, reason)`` at its own random time within ``window`` seconds.
 
-    Runs until the last one is closed (call it in a greenlet you own); ``paced`` as for
-    ``spread_delays``. A
-    connection that ended on its own before its turn is skipped
-    (``is_open(conn)`` says; by default every connection is closed). Returns
-    how many were closed.
+    Runs until the last one is closed (call it in a greenlet you own); ``paced`` as
+    for ``spread_delays``. A connection that ended on its own before its turn is
+    skipped (``is_open(conn)`` says; by default every connection is closed).
+    Returns how many were closed.
     """
     connections = list(connections)
     rng.shuffle(connections)

@@ -102,6 +102,8 @@ class Stats:
         self.broadcast_dropped = 0  # copies of them a full outbox refused
         self.session_duration = Histogram(SESSION_BUCKETS)
         self.http_duration = Histogram(HTTP_BUCKETS)
+        self.reloads = defaultdict(int)  # "applied" / "refused" -> config reloads (SIGHUP, admin API)
+        self.last_reload_ok = True  # False while the config on disk is one glb refused
 
     def connection_opened(self, kind):
         self.connections_total[kind] += 1

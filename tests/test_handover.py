@@ -13,8 +13,12 @@ import pytest
 from glb import config, listeners, systemd
 from glb.agent import Agent
 from glb.listeners import InheritedListeners
+from glb.server import Balancer
 from tests.backends import ScriptedBackend, started
-from tests.support import Connector, GlbProcess, Traffic, open_session_pid as open_session, recv_close
+from tests.support import (
+    Connector, GlbProcess, Traffic, make_settings, open_session_pid as open_session, recv_close, ws_connect,
+)
+from tests.test_tls import Pki
 
 
 # -- inherited listeners and notifications (no glb process) ----------------------------------------
@@ -89,7 +93,7 @@ def _kill_quietly(pid):
 def test_sigusr2_hands_over_listeners_and_agents_then_drains_with_1001(tmp_path, glb_env):
     conf = tmp_path / "glb.ini"
     with started(ScriptedBackend(guid="static")) as (backend,):
-        write_config(conf, backend, "drain_timeout = 3\ndrain_spread = 1\n")
+        write_config(conf, backend, "drain_timeout = 5\ndrain_spread = 1\n")
         old = GlbProcess(conf, env=glb_env)
         agent = Agent(old.url, guid="agent-backend", bindings=[("127.0.0.1", backend.port)]).start()
         new_pid = None
@@ -110,11 +114,12 @@ def test_sigusr2_hands_over_listeners_and_agents_then_drains_with_1001(tmp_path,
             # the agent registers with the new glb (its first reconnect after a clean close is immediate)
             old.wait_for(r"backend agent-backend ready")
             assert agent.links[0].registrations == 2
-            traffic.wait_rounds(2)  # the 50 keep working on the old process
+            traffic.wait_rounds(1)  # the 50 keep working on the old process
             traffic.stop()
             assert traffic.errors == [] and traffic.received == traffic.sent
             # after drain_timeout, each of the 50 gets 1001 going away
             for ws in sessions:
+                ws.settimeout(15)  # drain_timeout and drain_spread, with room for a busy machine
                 assert recv_close(ws) == (1001, "going away")
                 ws.close()
             assert old.proc.wait(timeout=20) == 0
@@ -203,3 +208,21 @@ def test_shipped_systemd_units_fit_the_shipped_config():
     streams = re.findall(r"^ListenStream=(\S+)$", unit_socket, re.M)
     listen = config.load(os.path.join(root, "conf", "lb.ini")).glb.listen
     assert streams and all(config.HostPort().parse(stream, root) in listen for stream in streams)
+
+
+@pytest.mark.timeout(30)
+def test_inherited_tls_listener_serves_tls_with_the_configured_certificate(tmp_path):
+    pki = Pki(tmp_path, "glb")
+    sock = socket.create_server(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    settings = make_settings(tls={"listen": "127.0.0.1:0", "certfile": pki.certfile, "keyfile": pki.keyfile})
+    balancer = Balancer(settings)
+    balancer.start(InheritedListeners({"https://127.0.0.1:0": sock}))
+    try:
+        assert balancer.tls_addresses == [("127.0.0.1", port)]
+        ws = ws_connect(f"wss://127.0.0.1:{port}/glb/echo", sslopt={"context": pki.client_context()})
+        ws.send("over tls")
+        assert ws.recv() == "over tls"
+        ws.close()
+    finally:
+        balancer.stop(timeout=1)

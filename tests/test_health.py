@@ -1,7 +1,9 @@
 """Backend health: rise/fall, passive ejection and slow start without sockets, then end to end."""
 
 import socket
+import time
 
+import gevent
 import pytest
 import requests
 
@@ -223,3 +225,38 @@ def test_tcp_and_http_checks():
             assert "answered 404" in balancer.registry.get("missing").down_reason
             assert "tcp connect failed" in balancer.registry.get("dead").down_reason
             assert sorted(b.name for b in balancer.registry.candidates()) == ["fine", "open"]
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("status, counted", [(503, True), (403, False)])
+def test_refused_handshakes_count_when_the_backend_is_failing_not_when_it_judges(status, counted):
+    from tests.backends import ScriptedBackend
+    from tests.support import RawClient
+    refusing, good = ScriptedBackend(refuse=(status, b"no")), DemoBackend(guid="good")
+    with started(refusing, good):
+        with running_glb(glb={"balancing": "round_robin", "backend_retries": 0},
+                         **{"backend:refusing": {**refusing.static_section(), "max_fails": 2},
+                            "backend:good": {"url": f"ws://127.0.0.1:{good.port}"}}) as balancer:
+            statuses = []
+            for _ in range(4):  # round robin: two of the four go to "refusing"
+                client = RawClient(balancer.addresses[0], path="/app")
+                statuses.append(client.status)
+                client.close()
+            assert sorted(statuses) == [101, 101, status, status]
+            assert (balancer.registry.get("refusing").health == DOWN) is counted
+
+
+@pytest.mark.timeout(30)
+def test_a_backend_that_answers_heartbeats_stays():
+    with running_glb(backends={"heartbeat_interval": 0.05, "heartbeat_timeout": 0.2}) as balancer:
+        recorder = Recorder(balancer, "server_ready")
+        backend = DemoBackend(lb_urls=[lb_url_for(balancer.addresses[0])], guid="alive")
+        with started(backend):
+            recorder.wait("server_ready")
+            ws = balancer.control_channels["alive"].conn.websocket
+            pongs, deadline = set(), time.monotonic() + 10
+            while len(pongs) < 10 and time.monotonic() < deadline:  # ten answered heartbeats
+                pongs.add(ws.last_pong)
+                gevent.sleep(0.01)
+            assert len(pongs - {0.0}) >= 9
+            assert balancer.health.evictions == 0 and balancer.registry.get("alive").state == "ready"

@@ -458,3 +458,78 @@ def test_a_failing_own_endpoint_answers_500_and_fires_exception():
         assert reply.startswith(b"HTTP/1.1 500") and len(exceptions) == 1
         ok = exchange(glb.addresses[0], b"GET /glb/status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         assert ok.split(b" ", 2)[1] in (b"200", b"403")  # glb's other endpoints still answer
+
+
+def test_interim_1xx_answers_reach_an_http_1_1_client_before_the_final_one():
+    answer = (b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n"
+              b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    with RawBackend(answer) as backend, running_glb(**{"backend:one": backend_section(backend.port)}) as glb:
+        with socket.create_connection(glb.addresses[0], timeout=5) as sock:
+            sock.sendall(b"GET /hints HTTP/1.1\r\nHost: x\r\n\r\n")
+            interim, _, rest = read_response(sock)
+            final, body, _ = read_response(sock, rest)
+        assert interim.startswith(b"HTTP/1.1 103") and b"Link: </style.css>" in interim
+        assert final.startswith(b"HTTP/1.1 200") and body == b"ok"
+
+
+def test_a_pooled_connection_the_backend_closed_is_not_reused():
+    """The backend closes each connection right after its answer (without saying so): no request fails."""
+    def handle(sock, address):
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return
+            data += chunk
+        sock.sendall(OK)
+
+    server = StreamServer(("127.0.0.1", 0), handle)
+    server.start()
+    try:
+        with running_glb(**{"backend:one": backend_section(server.server_port)}) as glb:
+            with socket.create_connection(glb.addresses[0], timeout=5) as sock:
+                rest = b""
+                for i in range(5):
+                    sock.sendall(b"GET /%d HTTP/1.1\r\nHost: x\r\n\r\n" % i)
+                    head, body, rest = read_response(sock, rest)
+                    assert head.startswith(b"HTTP/1.1 200") and body == b"ok", i
+    finally:
+        server.stop(timeout=0)
+
+
+def test_a_reload_that_changes_the_balancing_or_http_settings_reaches_plain_http(tmp_path):
+    """HTTP picks with its own policy: rebuilt when a reload swaps Balancer.policy; a new [http] keeps serving."""
+    from glb import config
+    from glb.server import Balancer
+
+    with RawBackend(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\na") as a, \
+            RawBackend(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nb") as b:
+        backends = "".join(f"[backend:{name}]\nurl = ws://127.0.0.1:{port}\nhttp = http://127.0.0.1:{port}\n"
+                           for name, port in (("a", a.port), ("b", b.port)))
+        conf = tmp_path / "glb.ini"
+        conf.write_text("[glb]\nlisten = 127.0.0.1:0\nbalancing = random\n[handlers]\nmodules =\n" + backends)
+        glb = Balancer(config.load(conf))
+        glb.start()
+        try:
+            with socket.create_connection(glb.addresses[0], timeout=5) as sock:
+                sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert read_response(sock)[0].startswith(b"HTTP/1.1 200")
+                conf.write_text("[glb]\nlisten = 127.0.0.1:0\nbalancing = round_robin\n[handlers]\nmodules =\n"
+                                + backends)
+                assert glb.reload().settings == ["glb.balancing"]
+                bodies, rest = [], b""
+                for _ in range(6):
+                    sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                    _, body, rest = read_response(sock, rest)
+                    bodies.append(body)
+                assert bodies[0] != bodies[1] and bodies[0::2] == [bodies[0]] * 3 and bodies[1::2] == [bodies[1]] * 3
+                conf.write_text("[glb]\nlisten = 127.0.0.1:0\nbalancing = round_robin\n[http]\nretries = 1\n"
+                                "[handlers]\nmodules =\n" + backends)
+                assert glb.reload().settings == ["http.retries"]  # a new HttpProxy from here on
+                sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")  # the same keep-alive connection
+                assert read_response(sock, rest)[0].startswith(b"HTTP/1.1 200")
+                glb.stop(timeout=1)
+                assert sock.recv(65536) == b""  # still known as idle to the new proxy: closed at stop
+        finally:
+            if not glb.stopping:
+                glb.stop(timeout=1)

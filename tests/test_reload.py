@@ -317,6 +317,10 @@ def test_admin_api_and_ctl_reload_like_sighup(tmp_path):
         refused = requests.post(url + "/glb/admin/reload", timeout=10)
         assert refused.status_code == 409 and "key 'idle_timeout'" in refused.json()["error"]
         assert balancer.settings.glb.idle_timeout == 30
+        metrics = requests.get(url + "/glb/metrics", timeout=10).text
+        assert 'glb_config_reloads_total{result="applied"} 1.0' in metrics
+        assert 'glb_config_reloads_total{result="refused"} 1.0' in metrics
+        assert "glb_config_last_reload_successful 0.0" in metrics
         conf.write_text("[glb]\nlisten = 127.0.0.1:0\nidle_timeout = 0\n[handlers]\nmodules =\n")
         ctl = subprocess.run([sys.executable, "-m", "glb.ctl", url, "reload"], capture_output=True, text=True,
                              timeout=30, cwd=GlbProcess.ROOT)
