@@ -31,12 +31,20 @@ Broadcasts (docs/protocol.md, "Broadcast across backends")::
         for conn_id in agent.recipients(envelope):   # this backend's clients it is meant for
             my_websockets[conn_id].send(envelope.payload)
 
-``broadcast`` queues the envelope on one glb, which relays it to every ready backend in the
-order this backend sent its envelopes: the glb this backend has been registered with
-longest. After a glb restarts, backends register with it again one by one over several
-seconds; the glbs that stayed up have held everyone all along, and this backend's
-channels to them are the older ones. Delivery is at most once: an envelope sent while no
-glb is connected, or lost with a dropped channel, is gone.
+Each glb relays an envelope to the backends it holds, in the order the sender sent its
+envelopes; no glb need hold every backend (one restarted and is refilling, or a backend's
+channel to one glb dropped). Each glb tells the agent which backends it relays to (glb's
+``glb@lb@ready`` extension, which the agent subscribes to in its server data), so
+``broadcast`` covers every backend a registered glb holds, each once: the envelope goes
+unchanged to the glb holding the most (among equals, the one registered longest), and to
+each other glb holding backends not covered yet behind a route record
+(``glb@broadcast@to``) naming just those. Until every glb it is registered with has said
+what it holds (the moment between ready and the answer; a glb without the extension never
+does), the agent sends the whole envelope to the glb it has been registered with longest:
+after a restart the glbs that stayed up have held everyone all along. Delivery is at most once: an envelope sent while no glb is connected,
+or lost with a dropped channel, is gone; for about 0.1 s after the pool changes (until
+glb's push arrives) a backend that just joined a glb may get an envelope twice, and one
+that just left it may miss one.
 """
 
 import logging
@@ -53,7 +61,7 @@ from gevent.pool import Group
 from gevent.queue import Queue
 
 from glb import control_records
-from glb.control_records import Binding, ClientRecord, RecordError, ServerData
+from glb.control_records import READY_SET, Binding, BroadcastRoute, ClientRecord, RecordError, ServerData
 from glb.errors import CloseCode, ConnectionClosed, HandshakeFailed
 from glb.frames import OP_BINARY, OP_CONTINUATION, OP_TEXT
 from glb.websocket import connect
@@ -159,6 +167,7 @@ class Link:
         self.last_error = None    # why the last attempt or channel ended
         self.last_close_code = None
         self.last_heard = 0.0       # monotonic time of the last frame from glb
+        self.ready_backends: set[str] | None = None  # guids glb relays envelopes to (glb@lb@ready); None: not told
 
     def __repr__(self):
         state = "registered" if self.registered else "connected" if self.outbox else "down"
@@ -222,6 +231,7 @@ class Link:
             self.outbox = self.websocket = None
             self.registered = False
             self.registered_at = None
+            self.ready_backends = None
             if not ws.closed:  # killed: no time for a closing handshake
                 ws.abort()
             if heartbeat is not None:
@@ -252,9 +262,27 @@ class Link:
                 if frame.fin:
                     message = "".join(parts) if is_text else b"".join(parts)
                     parts = []
-                    self.agent.handle_envelope(message, self)
+                    if not (is_text and self._ready_set(message)):
+                        self.agent.handle_envelope(message, self)
         finally:
             outbox.put(_END)
+
+    def _ready_set(self, text):
+        """Apply a glb@lb@ready record from glb; False if ``text`` is not one (an envelope)."""
+        try:
+            record = control_records.parse_ready_set(text)
+        except RecordError as exc:
+            log.warning("! %s malformed %s: %s; broadcasts stop relying on it", self.url, READY_SET, exc.reason)
+            self.ready_backends = None
+            return True
+        if record is None:
+            return False
+        if record.ready is not None:
+            self.ready_backends = set(record.ready)
+        elif self.ready_backends is not None:
+            self.ready_backends.difference_update(record.left)
+            self.ready_backends.update(record.joined)
+        return True
 
     def _heartbeat(self, ws):
         """Ping glb every ``heartbeat`` s; drop a channel that stayed silent for two periods."""
@@ -295,7 +323,7 @@ class Agent:
         if isinstance(lb_urls, str):
             lb_urls = [lb_urls]
         self.guid = guid or str(uuid.uuid4())
-        self.server_data = ServerData(self.guid, weight, max_clients, http, tuple(tags))
+        self.server_data = ServerData(self.guid, weight, max_clients, http, tuple(tags), (READY_SET,))
         self.bindings = [b if isinstance(b, Binding) else Binding(*b) for b in bindings]
         self.token = token
         self.on_envelope = on_envelope
@@ -389,24 +417,49 @@ class Agent:
     # -- envelopes -------------------------------------------------------------------------------
 
     def send_envelope(self, message: str | bytes) -> bool:
-        """Queue an encoded envelope (str or bytes) on one glb; False if none is connected.
+        """Queue an encoded envelope (str or bytes) so that it reaches every backend once; False if
+        no glb is connected.
 
-        The seam for ``broadcast``: glb relays the envelope to every ready backend, this one
-        included. The glb is the one this backend has been registered with longest (the most
-        likely to hold every other backend: see the module docstring), else any connected one.
+        The seam for ``broadcast``: each glb relays what it gets to the backends it holds (or
+        those a route names), this one included; ``broadcast_plan`` says which glb gets what.
         """
-        link = self.broadcast_link()
-        if link is None:
-            return False
-        link.put(message)
-        return True
+        plan = self.broadcast_plan()
+        for link, backends in plan:
+            if backends is not None:  # the route and its envelope leave together, in this order
+                link.put(control_records.encode_record(BroadcastRoute(backends)))
+            link.put(message)
+        return bool(plan)
 
-    def broadcast_link(self):
-        """The Link broadcasts go through now, or None when no glb is connected."""
-        registered = [link for link in self.links if link.registered_at is not None]
-        if registered:
-            return min(registered, key=lambda link: link.registered_at or 0.0)
-        return next((link for link in self.links if link.outbox is not None), None)
+    def broadcast_plan(self):
+        """``[(link, backends)]``: the glbs a broadcast goes through now and, for all but the first,
+        the guids it is for there (None: every backend that glb holds); [] when none is connected.
+
+        First the glb holding the most backends (among equals, the one registered longest);
+        then, while some glb holds backends not covered yet, the one holding most of them, for
+        just those. While a glb has not said what it holds: the one registered longest, alone.
+        """
+        registered = sorted((link for link in self.links if link.registered_at is not None),
+                            key=lambda link: link.registered_at or 0.0)
+        if not registered:
+            connected = next((link for link in self.links if link.outbox is not None), None)
+            return [] if connected is None else [(connected, None)]
+        held = {link: link.ready_backends for link in registered}
+        if any(guids is None for guids in held.values()):
+            return [(registered[0], None)]
+        known: dict[Link, set[str]] = {link: guids for link, guids in held.items() if guids is not None}
+        primary = max(registered, key=lambda link: len(known[link]))
+        plan: list[tuple[Link, tuple[str, ...] | None]] = [(primary, None)]
+        covered = set(known[primary])
+        others = [link for link in registered if link is not primary]
+        while others:
+            link = max(others, key=lambda link: len(known[link] - covered))
+            extra = known[link] - covered
+            if not extra:
+                break
+            plan.append((link, tuple(sorted(extra))))
+            covered |= extra
+            others.remove(link)
+        return plan
 
     def broadcast(self, message: str | bytes, channel: str = "", protocol: str = "", include: str = "",
                   exclude: str = "", guid: str = "") -> bool:

@@ -8,7 +8,8 @@ calls :func:`fan_out`. glb's own API (``Balancer.broadcast``, ``write_data``,
 Rules, in one place::
 
     who gets an envelope     every control channel whose backend is READY or DRAINING, the sender
-                             included; CONNECTING ones (server data, no ready marker yet) get nothing
+                             included; CONNECTING ones (server data, no ready marker yet) get nothing;
+                             after a route record (glb@broadcast@to) only the listed ones of those
     how                      encoded once into one WebSocket frame (glb is the server side: unmasked,
                              so the same bytes suit every channel); the frame is put on each channel's
                              Outbox without blocking; one writer greenlet per channel sends it
@@ -142,21 +143,28 @@ def encode_message_frame(message):
     raise TypeError(f"a message is str or bytes, not {type(message).__name__}")
 
 
-def relay_targets(balancer):
-    """The Outboxes of every control channel whose backend should receive envelopes now."""
-    targets = []
-    for session in balancer.control_channels.values():
-        backend = session.registration.backend
-        outbox = session.outbox
-        if backend is not None and backend.state in RELAY_STATES and outbox is not None:
-            targets.append(outbox)
-    return targets
+def relays_to(session):
+    """Whether the control channel ``session`` should receive envelopes now."""
+    backend = session.registration.backend
+    return backend is not None and backend.state in RELAY_STATES and session.outbox is not None
 
 
-def fan_out(balancer, envelope):
-    """Queue an encoded envelope (str or bytes, sent unchanged) for every ready backend; how many took it."""
+def relay_targets(balancer, backends=None):
+    """The Outboxes of every control channel whose backend should receive envelopes now
+    (of the guids in ``backends`` only, when given)."""
+    channels = balancer.control_channels
+    if backends is None:
+        sessions = channels.values()
+    else:
+        sessions = [channels[guid] for guid in dict.fromkeys(backends) if guid in channels]
+    return [session.outbox for session in sessions if relays_to(session)]
+
+
+def fan_out(balancer, envelope, backends=None):
+    """Queue an encoded envelope (str or bytes, sent unchanged) for every ready backend (of the
+    guids in ``backends`` only, when given: a route from the sender); how many took it."""
     frame = encode_message_frame(envelope)
-    targets = relay_targets(balancer)
+    targets = relay_targets(balancer, backends)
     taken = sum(outbox.put(frame) for outbox in targets)
     balancer.stats.broadcast_fanned_out(len(targets) - taken)
     return taken

@@ -38,6 +38,7 @@ from glb.live import LiveFeed, LiveSession, StatusPage
 from glb.metrics import MetricsEndpoint
 from glb.stats import Stats
 from glb.status import StatusEndpoint
+from glb.ready_set import ReadySetPublisher
 from glb.registry import Registry
 from glb.websocket import WebSocket
 
@@ -72,7 +73,9 @@ class Balancer:
         self.servers = []
         self.stopping = False
         self._sweeper = None  # the keep-alive greenlet, once started
+        self.handed_over = False  # the listeners went to a new glb (SIGUSR2); this one drains
         self.control_channels = {}  # guid -> ControlSession whose server data was accepted
+        self.ready_set = ReadySetPublisher(self)  # tells subscribed agents which backends get envelopes
         self.reload_hooks = []  # f(old_settings, new_settings), called once a reload is applied (glb.reload)
         self.ws_routes = {
             self.prefix + "echo": EchoSession,
@@ -165,6 +168,11 @@ class Balancer:
                 session.keep_alive(now, glb.ping_interval, glb.ping_timeout, glb.idle_timeout)
 
     @property
+    def ending_keep_alive(self):
+        """No further requests on kept-alive HTTP connections: stopping, or handed over to a new glb."""
+        return self.stopping or self.handed_over
+
+    @property
     def addresses(self):
         """Bound (host, port) of the plain listeners."""
         return [server.address[:2] for server in self.servers if not server.ssl_enabled]
@@ -183,6 +191,7 @@ class Balancer:
         for part in (self.health, self.rebalancer, self.pool):
             part.stop()
         self.live_feed.stop()
+        self.ready_set.stop()
         for server in self.servers:
             server.close()
         for conn in list(self.connections.values()):
