@@ -11,7 +11,7 @@
     agent.stop()                                     # closes every control channel with 1000
 
 One ``Link`` per glb instance owns a greenlet that connects the control channel
-(PROTOCOL.md), registers (server data, bindings, the current client records,
+(docs/protocol.md), registers (server data, bindings, the current client records,
 ready), reports client changes, hands envelopes from glb to ``on_envelope``,
 and reconnects with exponential back-off and jitter whenever the channel
 ends, repeating the whole registration. Every greenlet lives in the agent's
@@ -22,7 +22,7 @@ queue is filled with the registration (client snapshot included) in the same
 step that makes it visible to ``client_connected``/``client_disconnected``, so
 a client record is never sent before server data or overtaken by an older one.
 
-Broadcasts (PROTOCOL.md, "Broadcast across backends")::
+Broadcasts (docs/protocol.md, "Broadcast across backends")::
 
     agent = Agent(urls, ..., on_envelope=deliver)
     agent.broadcast("price 42", channel="prices")    # to the clients of every backend, this one included
@@ -49,8 +49,10 @@ that just left it may miss one.
 
 import logging
 import random
+import ssl
 import time
 import uuid
+from typing import Any, Callable, Iterable
 from urllib.parse import urlsplit, urlunsplit
 
 import gevent
@@ -61,7 +63,8 @@ from gevent.queue import Queue
 from glb import control_records
 from glb.control_records import READY_SET, Binding, BroadcastRoute, ClientRecord, RecordError, ServerData
 from glb.errors import CloseCode, ConnectionClosed, HandshakeFailed
-from glb.websocket import OP_BINARY, OP_CONTINUATION, OP_TEXT, connect
+from glb.frames import OP_BINARY, OP_CONTINUATION, OP_TEXT
+from glb.websocket import connect
 
 log = logging.getLogger("glb.agent")
 
@@ -164,7 +167,7 @@ class Link:
         self.last_error = None    # why the last attempt or channel ended
         self.last_close_code = None
         self.last_heard = 0.0       # monotonic time of the last frame from glb
-        self.ready_backends = None  # guids glb relays envelopes to (glb@lb@ready); None: not told
+        self.ready_backends: set[str] | None = None  # guids glb relays envelopes to (glb@lb@ready); None: not told
 
     def __repr__(self):
         state = "registered" if self.registered else "connected" if self.outbox else "down"
@@ -243,7 +246,8 @@ class Link:
 
     def _read(self, ws, outbox):
         """Hand every message from glb to the agent; any frame (a pong too) proves glb is alive."""
-        parts, is_text = [], False
+        parts: list = []  # str fragments of a text message, bytes of a binary one
+        is_text = False
         try:
             while True:
                 frame = ws.receive_frame()
@@ -310,9 +314,12 @@ class Agent:
     that vanished without closing is noticed. Bad values raise ``RecordError``/``ValueError`` here.
     """
 
-    def __init__(self, lb_urls, guid=None, bindings=(), weight=1, max_clients=0, http=None,
-                 token=None, tags=(), on_envelope=None, ssl_context=None, connect_timeout=10.0,
-                 backoff_base=0.1, backoff_cap=5.0, heartbeat=15.0):
+    def __init__(self, lb_urls: str | list[str], guid: str | None = None,
+                 bindings: Iterable[Binding | tuple] = (), weight: int = 1, max_clients: int = 0,
+                 http: str | None = None, token: str | None = None, tags: Iterable[str] = (),
+                 on_envelope: Callable[[Any], None] | None = None, ssl_context: ssl.SSLContext | None = None,
+                 connect_timeout: float = 10.0, backoff_base: float = 0.1, backoff_cap: float = 5.0,
+                 heartbeat: float = 15.0) -> None:
         if isinstance(lb_urls, str):
             lb_urls = [lb_urls]
         self.guid = guid or str(uuid.uuid4())
@@ -325,7 +332,7 @@ class Agent:
         self.backoff_base, self.backoff_cap = backoff_base, backoff_cap
         self.heartbeat = heartbeat  # seconds between pings to glb; 0 = none
         self.close_wait = 2.0  # seconds stop() gives glb to answer a close
-        self.clients = {}  # conn id -> ClientRecord: every client connected right now
+        self.clients: dict[str, ClientRecord] = {}  # conn id -> every client connected right now
         self.draining = False  # drain() was called: re-announced after every reconnect
         self.group = Group()
         self.stopping = Event()
@@ -352,7 +359,7 @@ class Agent:
 
     # -- lifecycle -------------------------------------------------------------------------------
 
-    def start(self):
+    def start(self) -> "Agent":
         """Start one greenlet per glb; returns at once (registration happens in the background)."""
         if len(self.group):
             raise RuntimeError("agent already started")
@@ -361,7 +368,7 @@ class Agent:
             self.group.spawn(link.run)
         return self
 
-    def stop(self, timeout=5.0):
+    def stop(self, timeout: float = 5.0) -> None:
         """Close every control channel with 1000 and end every greenlet, within about ``timeout`` s."""
         self.stopping.set()
         self.close_wait = min(self.close_wait, timeout / 2)  # time for glb to answer our close
@@ -372,33 +379,33 @@ class Agent:
             self.group.kill(block=True, timeout=1)
 
     @property
-    def registered(self):
+    def registered(self) -> bool:
         """True when every glb has been sent a complete registration on its current channel."""
         return all(link.registered for link in self.links)
 
     # -- clients ---------------------------------------------------------------------------------
 
-    def client_connected(self, conn_id, ip="", channel="", protocol=""):
+    def client_connected(self, conn_id: str, ip: str = "", channel: str = "", protocol: str = "") -> None:
         """A client connected to this backend directly: tell every connected glb."""
         record = ClientRecord(True, conn_id, ip or "", channel or "", protocol or "")
         self.clients[conn_id] = record
         self._send_all(control_records.encode_record(record))
 
-    def client_disconnected(self, conn_id):
+    def client_disconnected(self, conn_id: str) -> None:
         """A client left; unknown ids are ignored."""
         record = self.clients.pop(conn_id, None)
         if record is not None:
             self._send_all(control_records.encode_record(
                 ClientRecord(False, conn_id, record.ip, record.channel, record.protocol)))
 
-    def drain(self, spread=None):
+    def drain(self, spread: float | None = None) -> None:
         """Ask every glb for no new clients; with ``spread`` (seconds) glb also closes this
         backend's sessions with 1012 at random moments within that window, so a deploy can
         stop this process once they are gone."""
         self.draining = True
         self._send_all(control_records.encode_record(control_records.Drain(spread)))
 
-    def undrain(self):
+    def undrain(self) -> None:
         """Take new clients again."""
         self.draining = False
         self._send_all(control_records.encode_record(control_records.Undrain()))
@@ -409,7 +416,7 @@ class Agent:
 
     # -- envelopes -------------------------------------------------------------------------------
 
-    def send_envelope(self, message):
+    def send_envelope(self, message: str | bytes) -> bool:
         """Queue an encoded envelope (str or bytes) so that it reaches every backend once; False if
         no glb is connected.
 
@@ -432,19 +439,21 @@ class Agent:
         just those. While a glb has not said what it holds: the one registered longest, alone.
         """
         registered = sorted((link for link in self.links if link.registered_at is not None),
-                            key=lambda link: link.registered_at)
+                            key=lambda link: link.registered_at or 0.0)
         if not registered:
             connected = next((link for link in self.links if link.outbox is not None), None)
             return [] if connected is None else [(connected, None)]
-        if any(link.ready_backends is None for link in registered):
+        held = {link: link.ready_backends for link in registered}
+        if any(guids is None for guids in held.values()):
             return [(registered[0], None)]
-        primary = max(registered, key=lambda link: len(link.ready_backends))
-        plan = [(primary, None)]
-        covered = set(primary.ready_backends)
+        known: dict[Link, set[str]] = {link: guids for link, guids in held.items() if guids is not None}
+        primary = max(registered, key=lambda link: len(known[link]))
+        plan: list[tuple[Link, tuple[str, ...] | None]] = [(primary, None)]
+        covered = set(known[primary])
         others = [link for link in registered if link is not primary]
         while others:
-            link = max(others, key=lambda link: len(link.ready_backends - covered))
-            extra = link.ready_backends - covered
+            link = max(others, key=lambda link: len(known[link] - covered))
+            extra = known[link] - covered
             if not extra:
                 break
             plan.append((link, tuple(sorted(extra))))
@@ -452,7 +461,8 @@ class Agent:
             others.remove(link)
         return plan
 
-    def broadcast(self, message, channel="", protocol="", include="", exclude="", guid=""):
+    def broadcast(self, message: str | bytes, channel: str = "", protocol: str = "", include: str = "",
+                  exclude: str = "", guid: str = "") -> bool:
         """Send ``message`` (str or bytes) to the clients of every backend glb holds, this one included.
 
         The filters travel in the envelope and each backend applies them to its own clients

@@ -1,6 +1,6 @@
 """Broadcast across backends: per-channel outboxes, and glb's own ``broadcast``/``write_data``/``ping``.
 
-A backend's broadcast envelope (PROTOCOL.md) reaches glb on its control channel;
+A backend's broadcast envelope (docs/protocol.md) reaches glb on its control channel;
 ``ControlSession`` parses it, fires ``message``/``binary`` and, unless handled,
 calls :func:`fan_out`. glb's own API (``Balancer.broadcast``, ``write_data``,
 ``ping``, one-liners delegating here) ends in the same place.
@@ -152,7 +152,7 @@ def relays_to(session):
 def relay_targets(balancer, backends=None):
     """The Outboxes of every control channel whose backend should receive envelopes now
     (of the guids in ``backends`` only, when given)."""
-    channels = getattr(balancer, "control_channels", {})
+    channels = balancer.control_channels
     if backends is None:
         sessions = channels.values()
     else:
@@ -172,7 +172,8 @@ def fan_out(balancer, envelope, backends=None):
 
 # -- glb's own API (Balancer.broadcast / write_data / ping delegate here) -------------------------
 
-def broadcast(balancer, message, channel="", protocol="", include="", exclude=""):
+def broadcast(balancer, message: str | bytes, channel: str = "", protocol: str = "", include: str = "",
+              exclude: str = "") -> int:
     """Send ``message`` to the clients of every ready backend, as an envelope through the backends.
 
     ``message`` str: a text envelope with the filters (``include``/``exclude``: comma-separated
@@ -189,7 +190,7 @@ def broadcast(balancer, message, channel="", protocol="", include="", exclude=""
     return fan_out(balancer, envelope)
 
 
-def write_data(balancer, connection_id, message):
+def write_data(balancer, connection_id: str, message: str | bytes) -> int:
     """Send ``message`` (str or bytes) to one of glb's own connections (``Connection.id``); 1 if written.
 
     Only glb's ids: a backend's client ids are another namespace (``write_backend_client``), so
@@ -224,7 +225,7 @@ def write_backend_client(balancer, client_id, message):
     return fan_out(balancer, envelope)
 
 
-def ping(balancer):
+def ping(balancer) -> int:
     """Ping every WebSocket glb accepted (client sessions, control channels, own sessions); how many.
 
     A client session whose relayed stream is mid-frame at that moment is skipped (it is

@@ -1,12 +1,12 @@
 """The control channel (backends registering over a WebSocket) and the binding endpoint.
 
 A backend opens a WebSocket on ``/sgc@load_balancer_client`` (or
-``<prefix>control``) and registers (PROTOCOL.md). ``ControlSession`` only
+``<prefix>control``) and registers (docs/protocol.md). ``ControlSession`` only
 moves frames: every text frame goes to ``Registration.receive`` (registry.py),
 whose answer says what happened; this module turns answers into events, close
 codes and relayed envelopes.
 
-Per channel, in order (EVENTS.md)::
+Per channel, in order (docs/events.md)::
 
     connect -> server_connect -> [server_ready] -> server_disconnect -> disconnect
 
@@ -67,25 +67,6 @@ SGC_CONTROL_PATH = "/sgc@load_balancer_client"
 SGC_BINDING_PATH = "/sgc@lb@client@get@binding"
 
 UNAUTHORIZED = "401 Unauthorized"  # no credentials presented (glb's Status has no 401 yet)
-
-
-def control_channels(balancer):
-    """The balancer's map guid -> ControlSession of every channel whose server data was accepted."""
-    channels = getattr(balancer, "control_channels", None)
-    if channels is None:
-        channels = balancer.control_channels = {}
-    return channels
-
-
-def install(balancer):
-    """Route the control channel and binding endpoint paths (sgc-compatible and prefixed) on ``balancer``."""
-    control_channels(balancer)
-    balancer.ws_routes[SGC_CONTROL_PATH] = ControlSession
-    balancer.ws_routes[balancer.prefix + "control"] = ControlSession
-    endpoint = BindingEndpoint(balancer)
-    balancer.http_routes[SGC_BINDING_PATH] = endpoint
-    balancer.http_routes[balancer.prefix + "binding"] = endpoint
-    return balancer
 
 
 # -- authentication -----------------------------------------------------------------------------
@@ -175,7 +156,7 @@ class ControlSession(OwnSession):
         super().__init__(balancer, conn)
         self.registration = balancer.registry.begin(conn.peer)
         self.pending = PendingBackend(conn.peer)
-        self.channels = control_channels(balancer)
+        self.channels = balancer.control_channels
         self.outbox = None  # glb.broadcast.Outbox while the channel runs: every frame glb sends on it
         self._left = False
         self._dropping = False  # client records are being dropped (max_clients_reported)

@@ -1,6 +1,6 @@
 """Control-channel records and broadcast envelopes: parsing and encoding, no sockets.
 
-A backend's control channel carries two kinds of text frame (see PROTOCOL.md):
+A backend's control channel carries two kinds of text frame (see docs/protocol.md):
 
 * a **record** — a JSON object whose ``method`` is exactly one of the
   ``sgc@lb@...`` names below, or the bare text ``sgc@lb@server@ready``;
@@ -124,9 +124,9 @@ class ServerData:
     guid: str
     weight: int = 1
     max_clients: int = 0
-    http: str = None
-    tags: tuple = ()
-    subscribe: tuple = ()
+    http: str | None = None
+    tags: tuple[str, ...] = ()
+    subscribe: tuple[str, ...] = ()
 
     def __post_init__(self):
         _check_id(SERVER_DATA, "guid", self.guid)
@@ -188,7 +188,7 @@ class Drain:
     """glb extension: no new clients for this backend; ``spread`` (seconds) closes its
     sessions with 1012 at random moments within that window, None keeps them."""
 
-    spread: float = None
+    spread: float | None = None
 
     def __post_init__(self):
         spread = self.spread
@@ -221,9 +221,9 @@ class ReadySet:
     ``left`` since the previous one, in the order glb sent them.
     """
 
-    ready: tuple = None
-    joined: tuple = ()
-    left: tuple = ()
+    ready: tuple[str, ...] | None = None
+    joined: tuple[str, ...] = ()
+    left: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.ready is not None:
@@ -284,7 +284,8 @@ def parse_record(text):
         return None
     if not isinstance(obj, dict):
         return None
-    parser = _PARSERS.get(obj.get("method")) if isinstance(obj.get("method"), str) else None
+    method = obj.get("method")
+    parser = _PARSERS.get(method) if isinstance(method, str) else None
     return parser(obj) if parser else None
 
 
@@ -317,7 +318,7 @@ def encode_record(record):
             return _dumps({"method": READY_SET, "ready": list(record.ready)})
         return _dumps({"method": READY_SET, "joined": list(record.joined), "left": list(record.left)})
     if isinstance(record, ServerData):
-        obj = {"method": SERVER_DATA, "guid": record.guid}
+        obj: dict[str, object] = {"method": SERVER_DATA, "guid": record.guid}
         if record.weight != 1:
             obj["weight"] = record.weight
         if record.max_clients:

@@ -420,8 +420,9 @@ class Registry:
 
     def _discard(self, backend):
         """Remove this very backend (not a newer one with the same guid)."""
-        if self._backends.get(backend.guid) is backend:
-            del self._backends[backend.guid]
+        guid = backend.guid
+        if self._backends.get(guid) is backend:
+            del self._backends[guid]
         if backend.state != GONE:
             self._move(backend, GONE)
 

@@ -72,6 +72,7 @@ class Balancer:
         self.sessions = Group()  # every session greenlet, so stop() can wait for them
         self.servers = []
         self.stopping = False
+        self._sweeper = None  # the keep-alive greenlet, once started
         self.handed_over = False  # the listeners went to a new glb (SIGUSR2); this one drains
         self.control_channels = {}  # guid -> ControlSession whose server data was accepted
         self.ready_set = ReadySetPublisher(self)  # tells subscribed agents which backends get envelopes
@@ -185,7 +186,7 @@ class Balancer:
         """Stop accepting, close every session with 1001, wait up to ``timeout``, then kill."""
         timeout = self.settings.glb.shutdown_timeout if timeout is None else timeout
         self.stopping = True
-        if getattr(self, "_sweeper", None) is not None:
+        if self._sweeper is not None:
             self._sweeper.kill(block=False)
         for part in (self.health, self.rebalancer, self.pool):
             part.stop()
@@ -327,11 +328,12 @@ class Balancer:
 
     # -- glb's own messages (glb.broadcast) --------------------------------
 
-    def broadcast(self, message, channel="", protocol="", include="", exclude=""):
+    def broadcast(self, message: str | bytes, channel: str = "", protocol: str = "", include: str = "",
+                  exclude: str = "") -> int:
         """Send to the clients of every ready backend as an envelope; how many backends took it."""
         return broadcast.broadcast(self, message, channel, protocol, include, exclude)
 
-    def write_data(self, connection_id, message):
+    def write_data(self, connection_id: str, message: str | bytes) -> int:
         """Send to one of glb's own connections (Connection.id); 1 if written, 0 if not."""
         return broadcast.write_data(self, connection_id, message)
 
@@ -339,7 +341,7 @@ class Balancer:
         """Send to a client a backend reported (its own id), through the backends; how many took it."""
         return broadcast.write_backend_client(self, client_id, message)
 
-    def ping(self):
+    def ping(self) -> int:
         """Ping every WebSocket glb accepted, control channels included; how many were pinged."""
         return broadcast.ping(self)
 

@@ -1,4 +1,4 @@
-"""Broadcast across backends (issue 7): envelopes relayed by glb, glb's own API, the agent and the demo.
+"""Broadcast across backends: envelopes relayed by glb, glb's own API, the agent and the demo.
 
 Everything runs on 127.0.0.1 with real sockets; the first test uses real processes
 (``python -m glb`` and two ``python -m glb.demo_backend``). No test sleeps to guess at

@@ -1,4 +1,4 @@
-"""TLS (issue 6): TLS listeners beside plain ones, contexts from handlers, client certificates,
+"""TLS: TLS listeners beside plain ones, contexts from handlers, client certificates,
 wss:// and https:// backends, start-up failures.
 
 Every certificate is made here, at test time, by trustme: nothing is committed. Each test
