@@ -241,7 +241,7 @@ class AdminApi:
         return backend
 
     def _session_counts(self):
-        counts = {}
+        counts: dict = {}
         for session in self.balancer.pool.sessions_of():
             counts[session.backend] = counts.get(session.backend, 0) + 1
         return counts

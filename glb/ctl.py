@@ -96,7 +96,7 @@ def request_for(args):
 def render(command, answer):
     """The answer as lines for a person."""
     if command == "backends":
-        rows = [("NAME", "STATE", "HEALTH", "WEIGHT", "SESSIONS", "ADDRESS")]
+        rows: list[tuple[str, ...]] = [("NAME", "STATE", "HEALTH", "WEIGHT", "SESSIONS", "ADDRESS")]
         for b in answer["backends"]:
             address = ", ".join(f"{x['host']}:{x['port']}" for x in b["bindings"])
             weight = str(b["weight"]) if b["effective_weight"] == b["weight"] else \

@@ -75,7 +75,8 @@ def choose_sessions(sessions, moves, now, cooldown):
     ``sessions`` maps a key to ``[(started, session), ...]``. Returns ``(chosen, short)``:
     the sessions, and how many more the plan wanted that were still too young.
     """
-    chosen, short = [], 0
+    chosen: list = []
+    short = 0
     for key, count in moves.items():
         eligible = sorted((item for item in sessions.get(key, ()) if now - item[0] >= cooldown),
                           key=lambda item: item[0])
@@ -156,7 +157,7 @@ class Rebalancer:
         """``(loads, sessions)`` for plan_moves/choose_sessions, keyed by Backend."""
         pool = [b for b in self.balancer.registry.all()
                 if b.state == READY and b.health == UP and b.bindings]
-        sessions = {backend: [] for backend in pool}
+        sessions: dict = {backend: [] for backend in pool}
         for session in list(self.balancer.client_sessions):
             items = sessions.get(session.backend)
             if items is not None and session.outcome is None and session.client is not None:
