@@ -296,7 +296,8 @@ def test_50_mib_fragmented_message_relayed_without_glb_buffering_it():
         ws.close()
 
 
-def test_a_client_that_stops_reading_does_not_stall_another():
+@pytest.mark.parametrize("decoded", [False, True])
+def test_a_client_that_stops_reading_does_not_stall_another(decoded):
     def flood(ws, environ):
         if environ.get("PATH_INFO") == "/flood":
             payload = b"x" * 65536
@@ -314,6 +315,8 @@ def test_a_client_that_stops_reading_does_not_stall_another():
             ws.send(message)
     backend = ScriptedBackend(flood)
     with started(backend), pool(backend, glb={"send_timeout": "1"}) as glb:
+        if decoded:  # both directions decoded: the same engine, frames re-encoded
+            glb.bus.add_handler("raw_message", lambda event: None, origin="test")
         disconnects, _ = recorder(glb, "client_disconnect")
         stalled = ws_connect(base_url(glb) + "/flood")  # never reads
         lively = ws_connect(base_url(glb) + "/echo")
