@@ -53,7 +53,7 @@ from glb.http_parse import (  # noqa: F401 (HOP_BY_HOP: part of this module's in
     HOP_BY_HOP, NO_BODY_STATUSES, HeadError, LengthBody, UntilCloseBody, body_for, decode_pairs, encode_chunk,
     encode_head, encode_last_chunk, encode_pairs, encode_raw_head,
 )
-from glb.http_pool import RECV_SIZE, BackendClosed, Pools, backend_ssl_context_factory, send_all
+from glb.http_pool import RECV_SIZE, BackendClosed, Pools, backend_ssl_context_factory
 from glb.http_server import ClientGone
 
 log = logging.getLogger("glb.http")
@@ -412,7 +412,7 @@ class BackendBody:
             if not wait:
                 return b""
             if self.direct:  # a Content-Length body: straight from the socket, no copy
-                data = conn.sock.recv(min(RECV_SIZE, decoder.remaining))
+                data = conn.recv(min(RECV_SIZE, decoder.remaining))
                 if not data:
                     raise BackendClosed(errno.ECONNRESET, "the backend closed the connection mid-body")
                 decoder.remaining -= len(data)
@@ -670,7 +670,7 @@ class HttpProxy:
             pairs.append((b"Content-Length", b"0"))
         target = f"{request.path}?{request.query}" if request.query else request.path
         line = f"{request.method} {target} HTTP/1.1".encode("latin-1")
-        send_all(conn.sock, encode_raw_head(line, pairs) + payload)
+        conn.send(encode_raw_head(line, pairs) + payload)
         if stream:
             ex.upload_done = False
             ex.uploader = gevent.spawn(self.upload, ex, conn, request._length is None)
@@ -682,9 +682,9 @@ class HttpProxy:
         request, sock = ex.request, conn.sock
         try:
             for piece in request.pieces():
-                send_all(sock, encode_chunk(piece) if chunked else piece)
+                conn.send(encode_chunk(piece) if chunked else piece)
             if chunked:
-                send_all(sock, encode_last_chunk(ex.body.trailers))
+                conn.send(encode_last_chunk(ex.body.trailers))
             ex.upload_done = True
         except (ClientGone, HeadError) as exc:
             request.client_failure = f"request body: {exc}" if "request body" not in str(exc) else str(exc)
