@@ -11,7 +11,7 @@
     agent.stop()                                     # closes every control channel with 1000
 
 One ``Link`` per glb instance owns a greenlet that connects the control channel
-(PROTOCOL.md), registers (server data, bindings, the current client records,
+(docs/protocol.md), registers (server data, bindings, the current client records,
 ready), reports client changes, hands envelopes from glb to ``on_envelope``,
 and reconnects with exponential back-off and jitter whenever the channel
 ends, repeating the whole registration. Every greenlet lives in the agent's
@@ -22,7 +22,7 @@ queue is filled with the registration (client snapshot included) in the same
 step that makes it visible to ``client_connected``/``client_disconnected``, so
 a client record is never sent before server data or overtaken by an older one.
 
-Broadcasts (PROTOCOL.md, "Broadcast across backends")::
+Broadcasts (docs/protocol.md, "Broadcast across backends")::
 
     agent = Agent(urls, ..., on_envelope=deliver)
     agent.broadcast("price 42", channel="prices")    # to the clients of every backend, this one included
@@ -31,18 +31,28 @@ Broadcasts (PROTOCOL.md, "Broadcast across backends")::
         for conn_id in agent.recipients(envelope):   # this backend's clients it is meant for
             my_websockets[conn_id].send(envelope.payload)
 
-``broadcast`` queues the envelope on one glb, which relays it to every ready backend in the
-order this backend sent its envelopes: the glb this backend has been registered with
-longest. After a glb restarts, backends register with it again one by one over several
-seconds; the glbs that stayed up have held everyone all along, and this backend's
-channels to them are the older ones. Delivery is at most once: an envelope sent while no
-glb is connected, or lost with a dropped channel, is gone.
+Each glb relays an envelope to the backends it holds, in the order the sender sent its
+envelopes; no glb need hold every backend (one restarted and is refilling, or a backend's
+channel to one glb dropped). Each glb tells the agent which backends it relays to (glb's
+``glb@lb@ready`` extension, which the agent subscribes to in its server data), so
+``broadcast`` covers every backend a registered glb holds, each once: the envelope goes
+unchanged to the glb holding the most (among equals, the one registered longest), and to
+each other glb holding backends not covered yet behind a route record
+(``glb@broadcast@to``) naming just those. Until every glb it is registered with has said
+what it holds (the moment between ready and the answer; a glb without the extension never
+does), the agent sends the whole envelope to the glb it has been registered with longest:
+after a restart the glbs that stayed up have held everyone all along. Delivery is at most once: an envelope sent while no glb is connected,
+or lost with a dropped channel, is gone; for about 0.1 s after the pool changes (until
+glb's push arrives) a backend that just joined a glb may get an envelope twice, and one
+that just left it may miss one.
 """
 
 import logging
 import random
+import ssl
 import time
 import uuid
+from typing import Any, Callable, Iterable
 from urllib.parse import urlsplit, urlunsplit
 
 import gevent
@@ -51,9 +61,10 @@ from gevent.pool import Group
 from gevent.queue import Queue
 
 from glb import control_records
-from glb.control_records import Binding, ClientRecord, RecordError, ServerData
+from glb.control_records import READY_SET, Binding, BroadcastRoute, ClientRecord, RecordError, ServerData
 from glb.errors import CloseCode, ConnectionClosed, HandshakeFailed
-from glb.websocket import OP_BINARY, OP_CONTINUATION, OP_TEXT, connect
+from glb.frames import OP_BINARY, OP_CONTINUATION, OP_TEXT
+from glb.websocket import connect
 
 log = logging.getLogger("glb.agent")
 
@@ -156,6 +167,7 @@ class Link:
         self.last_error = None    # why the last attempt or channel ended
         self.last_close_code = None
         self.last_heard = 0.0       # monotonic time of the last frame from glb
+        self.ready_backends: set[str] | None = None  # guids glb relays envelopes to (glb@lb@ready); None: not told
 
     def __repr__(self):
         state = "registered" if self.registered else "connected" if self.outbox else "down"
@@ -219,6 +231,7 @@ class Link:
             self.outbox = self.websocket = None
             self.registered = False
             self.registered_at = None
+            self.ready_backends = None
             if not ws.closed:  # killed: no time for a closing handshake
                 ws.abort()
             if heartbeat is not None:
@@ -233,7 +246,8 @@ class Link:
 
     def _read(self, ws, outbox):
         """Hand every message from glb to the agent; any frame (a pong too) proves glb is alive."""
-        parts, is_text = [], False
+        parts: list = []  # str fragments of a text message, bytes of a binary one
+        is_text = False
         try:
             while True:
                 frame = ws.receive_frame()
@@ -248,9 +262,27 @@ class Link:
                 if frame.fin:
                     message = "".join(parts) if is_text else b"".join(parts)
                     parts = []
-                    self.agent.handle_envelope(message, self)
+                    if not (is_text and self._ready_set(message)):
+                        self.agent.handle_envelope(message, self)
         finally:
             outbox.put(_END)
+
+    def _ready_set(self, text):
+        """Apply a glb@lb@ready record from glb; False if ``text`` is not one (an envelope)."""
+        try:
+            record = control_records.parse_ready_set(text)
+        except RecordError as exc:
+            log.warning("! %s malformed %s: %s; broadcasts stop relying on it", self.url, READY_SET, exc.reason)
+            self.ready_backends = None
+            return True
+        if record is None:
+            return False
+        if record.ready is not None:
+            self.ready_backends = set(record.ready)
+        elif self.ready_backends is not None:
+            self.ready_backends.difference_update(record.left)
+            self.ready_backends.update(record.joined)
+        return True
 
     def _heartbeat(self, ws):
         """Ping glb every ``heartbeat`` s; drop a channel that stayed silent for two periods."""
@@ -282,13 +314,16 @@ class Agent:
     that vanished without closing is noticed. Bad values raise ``RecordError``/``ValueError`` here.
     """
 
-    def __init__(self, lb_urls, guid=None, bindings=(), weight=1, max_clients=0, http=None,
-                 token=None, tags=(), on_envelope=None, ssl_context=None, connect_timeout=10.0,
-                 backoff_base=0.1, backoff_cap=5.0, heartbeat=15.0):
+    def __init__(self, lb_urls: str | list[str], guid: str | None = None,
+                 bindings: Iterable[Binding | tuple] = (), weight: int = 1, max_clients: int = 0,
+                 http: str | None = None, token: str | None = None, tags: Iterable[str] = (),
+                 on_envelope: Callable[[Any], None] | None = None, ssl_context: ssl.SSLContext | None = None,
+                 connect_timeout: float = 10.0, backoff_base: float = 0.1, backoff_cap: float = 5.0,
+                 heartbeat: float = 15.0) -> None:
         if isinstance(lb_urls, str):
             lb_urls = [lb_urls]
         self.guid = guid or str(uuid.uuid4())
-        self.server_data = ServerData(self.guid, weight, max_clients, http, tuple(tags))
+        self.server_data = ServerData(self.guid, weight, max_clients, http, tuple(tags), (READY_SET,))
         self.bindings = [b if isinstance(b, Binding) else Binding(*b) for b in bindings]
         self.token = token
         self.on_envelope = on_envelope
@@ -297,7 +332,7 @@ class Agent:
         self.backoff_base, self.backoff_cap = backoff_base, backoff_cap
         self.heartbeat = heartbeat  # seconds between pings to glb; 0 = none
         self.close_wait = 2.0  # seconds stop() gives glb to answer a close
-        self.clients = {}  # conn id -> ClientRecord: every client connected right now
+        self.clients: dict[str, ClientRecord] = {}  # conn id -> every client connected right now
         self.draining = False  # drain() was called: re-announced after every reconnect
         self.group = Group()
         self.stopping = Event()
@@ -324,7 +359,7 @@ class Agent:
 
     # -- lifecycle -------------------------------------------------------------------------------
 
-    def start(self):
+    def start(self) -> "Agent":
         """Start one greenlet per glb; returns at once (registration happens in the background)."""
         if len(self.group):
             raise RuntimeError("agent already started")
@@ -333,7 +368,7 @@ class Agent:
             self.group.spawn(link.run)
         return self
 
-    def stop(self, timeout=5.0):
+    def stop(self, timeout: float = 5.0) -> None:
         """Close every control channel with 1000 and end every greenlet, within about ``timeout`` s."""
         self.stopping.set()
         self.close_wait = min(self.close_wait, timeout / 2)  # time for glb to answer our close
@@ -344,33 +379,33 @@ class Agent:
             self.group.kill(block=True, timeout=1)
 
     @property
-    def registered(self):
+    def registered(self) -> bool:
         """True when every glb has been sent a complete registration on its current channel."""
         return all(link.registered for link in self.links)
 
     # -- clients ---------------------------------------------------------------------------------
 
-    def client_connected(self, conn_id, ip="", channel="", protocol=""):
+    def client_connected(self, conn_id: str, ip: str = "", channel: str = "", protocol: str = "") -> None:
         """A client connected to this backend directly: tell every connected glb."""
         record = ClientRecord(True, conn_id, ip or "", channel or "", protocol or "")
         self.clients[conn_id] = record
         self._send_all(control_records.encode_record(record))
 
-    def client_disconnected(self, conn_id):
+    def client_disconnected(self, conn_id: str) -> None:
         """A client left; unknown ids are ignored."""
         record = self.clients.pop(conn_id, None)
         if record is not None:
             self._send_all(control_records.encode_record(
                 ClientRecord(False, conn_id, record.ip, record.channel, record.protocol)))
 
-    def drain(self, spread=None):
+    def drain(self, spread: float | None = None) -> None:
         """Ask every glb for no new clients; with ``spread`` (seconds) glb also closes this
         backend's sessions with 1012 at random moments within that window, so a deploy can
         stop this process once they are gone."""
         self.draining = True
         self._send_all(control_records.encode_record(control_records.Drain(spread)))
 
-    def undrain(self):
+    def undrain(self) -> None:
         """Take new clients again."""
         self.draining = False
         self._send_all(control_records.encode_record(control_records.Undrain()))
@@ -381,27 +416,53 @@ class Agent:
 
     # -- envelopes -------------------------------------------------------------------------------
 
-    def send_envelope(self, message):
-        """Queue an encoded envelope (str or bytes) on one glb; False if none is connected.
+    def send_envelope(self, message: str | bytes) -> bool:
+        """Queue an encoded envelope (str or bytes) so that it reaches every backend once; False if
+        no glb is connected.
 
-        The seam for ``broadcast``: glb relays the envelope to every ready backend, this one
-        included. The glb is the one this backend has been registered with longest (the most
-        likely to hold every other backend: see the module docstring), else any connected one.
+        The seam for ``broadcast``: each glb relays what it gets to the backends it holds (or
+        those a route names), this one included; ``broadcast_plan`` says which glb gets what.
         """
-        link = self.broadcast_link()
-        if link is None:
-            return False
-        link.put(message)
-        return True
+        plan = self.broadcast_plan()
+        for link, backends in plan:
+            if backends is not None:  # the route and its envelope leave together, in this order
+                link.put(control_records.encode_record(BroadcastRoute(backends)))
+            link.put(message)
+        return bool(plan)
 
-    def broadcast_link(self):
-        """The Link broadcasts go through now, or None when no glb is connected."""
-        registered = [link for link in self.links if link.registered_at is not None]
-        if registered:
-            return min(registered, key=lambda link: link.registered_at)
-        return next((link for link in self.links if link.outbox is not None), None)
+    def broadcast_plan(self):
+        """``[(link, backends)]``: the glbs a broadcast goes through now and, for all but the first,
+        the guids it is for there (None: every backend that glb holds); [] when none is connected.
 
-    def broadcast(self, message, channel="", protocol="", include="", exclude="", guid=""):
+        First the glb holding the most backends (among equals, the one registered longest);
+        then, while some glb holds backends not covered yet, the one holding most of them, for
+        just those. While a glb has not said what it holds: the one registered longest, alone.
+        """
+        registered = sorted((link for link in self.links if link.registered_at is not None),
+                            key=lambda link: link.registered_at or 0.0)
+        if not registered:
+            connected = next((link for link in self.links if link.outbox is not None), None)
+            return [] if connected is None else [(connected, None)]
+        held = {link: link.ready_backends for link in registered}
+        if any(guids is None for guids in held.values()):
+            return [(registered[0], None)]
+        known: dict[Link, set[str]] = {link: guids for link, guids in held.items() if guids is not None}
+        primary = max(registered, key=lambda link: len(known[link]))
+        plan: list[tuple[Link, tuple[str, ...] | None]] = [(primary, None)]
+        covered = set(known[primary])
+        others = [link for link in registered if link is not primary]
+        while others:
+            link = max(others, key=lambda link: len(known[link] - covered))
+            extra = known[link] - covered
+            if not extra:
+                break
+            plan.append((link, tuple(sorted(extra))))
+            covered |= extra
+            others.remove(link)
+        return plan
+
+    def broadcast(self, message: str | bytes, channel: str = "", protocol: str = "", include: str = "",
+                  exclude: str = "", guid: str = "") -> bool:
         """Send ``message`` (str or bytes) to the clients of every backend glb holds, this one included.
 
         The filters travel in the envelope and each backend applies them to its own clients

@@ -119,7 +119,7 @@ def _available(candidates, exclude):
 class Policy:
     """Base: ``pick`` returns a backend from ``candidates`` not in ``exclude``, or None."""
 
-    name = None
+    name: str | None = None
 
     def __init__(self, rng=None):
         self.rng = rng or _random.Random()

@@ -1,6 +1,6 @@
 """Broadcast across backends: per-channel outboxes, and glb's own ``broadcast``/``write_data``/``ping``.
 
-A backend's broadcast envelope (PROTOCOL.md) reaches glb on its control channel;
+A backend's broadcast envelope (docs/protocol.md) reaches glb on its control channel;
 ``ControlSession`` parses it, fires ``message``/``binary`` and, unless handled,
 calls :func:`fan_out`. glb's own API (``Balancer.broadcast``, ``write_data``,
 ``ping``, one-liners delegating here) ends in the same place.
@@ -8,7 +8,8 @@ calls :func:`fan_out`. glb's own API (``Balancer.broadcast``, ``write_data``,
 Rules, in one place::
 
     who gets an envelope     every control channel whose backend is READY or DRAINING, the sender
-                             included; CONNECTING ones (server data, no ready marker yet) get nothing
+                             included; CONNECTING ones (server data, no ready marker yet) get nothing;
+                             after a route record (glb@broadcast@to) only the listed ones of those
     how                      encoded once into one WebSocket frame (glb is the server side: unmasked,
                              so the same bytes suit every channel); the frame is put on each channel's
                              Outbox without blocking; one writer greenlet per channel sends it
@@ -142,21 +143,28 @@ def encode_message_frame(message):
     raise TypeError(f"a message is str or bytes, not {type(message).__name__}")
 
 
-def relay_targets(balancer):
-    """The Outboxes of every control channel whose backend should receive envelopes now."""
-    targets = []
-    for session in getattr(balancer, "control_channels", {}).values():
-        backend = session.registration.backend
-        outbox = session.outbox
-        if backend is not None and backend.state in RELAY_STATES and outbox is not None:
-            targets.append(outbox)
-    return targets
+def relays_to(session):
+    """Whether the control channel ``session`` should receive envelopes now."""
+    backend = session.registration.backend
+    return backend is not None and backend.state in RELAY_STATES and session.outbox is not None
 
 
-def fan_out(balancer, envelope):
-    """Queue an encoded envelope (str or bytes, sent unchanged) for every ready backend; how many took it."""
+def relay_targets(balancer, backends=None):
+    """The Outboxes of every control channel whose backend should receive envelopes now
+    (of the guids in ``backends`` only, when given)."""
+    channels = balancer.control_channels
+    if backends is None:
+        sessions = channels.values()
+    else:
+        sessions = [channels[guid] for guid in dict.fromkeys(backends) if guid in channels]
+    return [session.outbox for session in sessions if relays_to(session)]
+
+
+def fan_out(balancer, envelope, backends=None):
+    """Queue an encoded envelope (str or bytes, sent unchanged) for every ready backend (of the
+    guids in ``backends`` only, when given: a route from the sender); how many took it."""
     frame = encode_message_frame(envelope)
-    targets = relay_targets(balancer)
+    targets = relay_targets(balancer, backends)
     taken = sum(outbox.put(frame) for outbox in targets)
     balancer.stats.broadcast_fanned_out(len(targets) - taken)
     return taken
@@ -164,7 +172,8 @@ def fan_out(balancer, envelope):
 
 # -- glb's own API (Balancer.broadcast / write_data / ping delegate here) -------------------------
 
-def broadcast(balancer, message, channel="", protocol="", include="", exclude=""):
+def broadcast(balancer, message: str | bytes, channel: str = "", protocol: str = "", include: str = "",
+              exclude: str = "") -> int:
     """Send ``message`` to the clients of every ready backend, as an envelope through the backends.
 
     ``message`` str: a text envelope with the filters (``include``/``exclude``: comma-separated
@@ -181,7 +190,7 @@ def broadcast(balancer, message, channel="", protocol="", include="", exclude=""
     return fan_out(balancer, envelope)
 
 
-def write_data(balancer, connection_id, message):
+def write_data(balancer, connection_id: str, message: str | bytes) -> int:
     """Send ``message`` (str or bytes) to one of glb's own connections (``Connection.id``); 1 if written.
 
     Only glb's ids: a backend's client ids are another namespace (``write_backend_client``), so
@@ -216,7 +225,7 @@ def write_backend_client(balancer, client_id, message):
     return fan_out(balancer, envelope)
 
 
-def ping(balancer):
+def ping(balancer) -> int:
     """Ping every WebSocket glb accepted (client sessions, control channels, own sessions); how many.
 
     A client session whose relayed stream is mid-frame at that moment is skipped (it is

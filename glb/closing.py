@@ -35,14 +35,17 @@ class LegClose:
 
     __slots__ = ("close_in", "close_out")
 
-    def __init__(self):
-        self.close_in = None  # (code, reason) of the close frame this peer sent
+    def __init__(self) -> None:
+        self.close_in: tuple[int, str] | None = None  # (code, reason) of the close frame this peer sent
         self.close_out = False  # a close frame was written (or is owed no more) to this peer
 
     @property
     def complete(self):
         """A close frame went each way on this leg."""
         return self.close_in is not None and self.close_out
+
+
+Owed = tuple[LegClose, int, str]  # a close frame still to send: to that leg, this code and reason
 
 
 class ClosingHandshake:
@@ -54,28 +57,28 @@ class ClosingHandshake:
 
     __slots__ = ("client", "backend", "outcome")
 
-    def __init__(self, client=None, backend=None):
+    def __init__(self, client: LegClose | None = None, backend: LegClose | None = None) -> None:
         self.client = LegClose() if client is None else client
         self.backend = LegClose() if backend is None else backend
-        self.outcome = None  # (code, reason, closed_by) once the session is ending
+        self.outcome: tuple[int, str, str] | None = None  # (code, reason, closed_by) once the session is ending
 
     @property
-    def status(self):
+    def status(self) -> tuple[int, str, str]:
         """``(code, reason, closed_by)``; 1006 "session ended" by glb if nothing was recorded."""
         return self.outcome or ENDED_UNKNOWN
 
-    def end(self, code, reason, closed_by):
+    def end(self, code: int, reason: str, closed_by: str) -> None:
         """Record why the session ends; the first cause wins."""
         if self.outcome is None:
             self.outcome = (code, reason, closed_by)
 
-    def other(self, leg):
+    def other(self, leg: LegClose) -> LegClose:
         return self.backend if leg is self.client else self.client
 
-    def name(self, leg):
+    def name(self, leg: LegClose) -> str:
         return "client" if leg is self.client else "backend"
 
-    def take_close_out(self, leg):
+    def take_close_out(self, leg: LegClose) -> bool:
         """True (once) when a close frame may still go to ``leg``; from then on it counts as sent."""
         if leg.close_out:
             return False
@@ -84,7 +87,7 @@ class ClosingHandshake:
 
     # -- what happened: each returns the closes still owed, as [(leg, code, reason)] ----------
 
-    def peer_closed(self, leg, code, reason):
+    def peer_closed(self, leg: LegClose, code: int, reason: str) -> bool:
         """``leg``'s peer sent a close frame; True if it is to be forwarded to the other leg.
 
         Not forwarded when glb already closed the other leg: then this close answers glb's.
@@ -93,7 +96,7 @@ class ClosingHandshake:
         self.end(code, reason, self.name(leg))
         return self.take_close_out(self.other(leg))
 
-    def peer_vanished(self, leg):
+    def peer_vanished(self, leg: LegClose) -> list[Owed]:
         """``leg``'s peer ended TCP; nothing is owed if it had sent its close frame first."""
         if leg.close_in is not None:
             return []
@@ -103,7 +106,7 @@ class ClosingHandshake:
         self.end(CloseCode.BAD_GATEWAY, "backend went away", "backend")
         return [(self.client, *BACKEND_GONE)]
 
-    def write_failed(self, leg, reason):
+    def write_failed(self, leg: LegClose, reason: str) -> list[Owed]:
         """Writing to ``leg`` failed: its peer is gone or did not read within send_timeout."""
         if leg is self.client:
             if "slow reader" in reason:
@@ -114,7 +117,7 @@ class ClosingHandshake:
         self.end(CloseCode.BAD_GATEWAY, f"backend lost: {reason}", "backend")
         return [(self.client, *BACKEND_GONE)]
 
-    def violated(self, leg, code, reason, told=False):
+    def violated(self, leg: LegClose, code: int, reason: str, told: bool = False) -> list[Owed]:
         """``leg``'s peer broke the protocol or a limit; ``told`` when it already got its close."""
         self.end(code, reason, "glb")
         owed = [] if told else [(leg, code, reason)]
@@ -124,7 +127,7 @@ class ClosingHandshake:
             owed.append((self.client, CloseCode.BAD_GATEWAY, "backend protocol error"))
         return owed
 
-    def glb_closes(self, code, reason, cause=None):
+    def glb_closes(self, code: int, reason: str, cause: str | None = None) -> list[Owed]:
         """glb ends the session itself: both legs get its close (``cause``: the reason recorded instead)."""
         self.end(code, cause or reason, "glb")
         return [(self.client, code, reason), (self.backend, code, reason)]

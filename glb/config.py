@@ -707,16 +707,6 @@ class Settings:
         """Every default, no file: for tests and embedding."""
         return from_dict({})
 
-    @staticmethod
-    def from_dict(data):
-        """Same as the module's ``from_dict``."""
-        return from_dict(data)
-
-    @staticmethod
-    def load(path):
-        """Same as the module's ``load``."""
-        return load(path)
-
     def __repr__(self):
         return f"<Settings from {self.path or '<dict>'}>"
 

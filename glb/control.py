@@ -1,12 +1,12 @@
 """The control channel (backends registering over a WebSocket) and the binding endpoint.
 
 A backend opens a WebSocket on ``/sgc@load_balancer_client`` (or
-``<prefix>control``) and registers (PROTOCOL.md). ``ControlSession`` only
+``<prefix>control``) and registers (docs/protocol.md). ``ControlSession`` only
 moves frames: every text frame goes to ``Registration.receive`` (registry.py),
 whose answer says what happened; this module turns answers into events, close
 codes and relayed envelopes.
 
-Per channel, in order (EVENTS.md)::
+Per channel, in order (docs/events.md)::
 
     connect -> server_connect -> [server_ready] -> server_disconnect -> disconnect
 
@@ -25,6 +25,10 @@ What a channel may send and what glb does with it::
     a binding beyond max_bindings           close 1008 + error     close 1008 + error
     a new client beyond                     close 1008 + error     dropped; one error per channel
     max_clients_reported
+    route (glb@broadcast@to, glb extension) close 1008 + error     the frame after it, if an
+                                                                   envelope, goes only to the
+                                                                   listed backends; malformed:
+                                                                   close 1008 + error
     "{..." that is no known record          close 1008 + error     error, dropped
     anything else (text or binary)          close 1008 + error     broadcast envelope: parsed
                                                                    strictly, then message / binary
@@ -32,6 +36,9 @@ What a channel may send and what glb does with it::
                                                                    relayed unchanged to every ready
                                                                    backend (glb.broadcast);
                                                                    malformed: error, dropped
+
+A backend whose server data lists ``glb@lb@ready`` in ``subscribe`` is told which backends
+this glb relays envelopes to, and every change (glb.ready_set).
 
 The channel leaves the pool the moment it starts closing, whoever closes it
 (``WebSocket.on_closing``), so its guid may register again at once.
@@ -48,7 +55,7 @@ import logging
 
 from glb import broadcast, control_records
 from glb.connection import CONTROL, OWN, Connection, headers_from_environ
-from glb.control_records import Binding, RecordError
+from glb.control_records import READY_SET, Binding, RecordError
 from glb.errors import CloseCode, Status
 from glb.handshake import Rejection
 from glb.own_sessions import OwnSession
@@ -60,25 +67,6 @@ SGC_CONTROL_PATH = "/sgc@load_balancer_client"
 SGC_BINDING_PATH = "/sgc@lb@client@get@binding"
 
 UNAUTHORIZED = "401 Unauthorized"  # no credentials presented (glb's Status has no 401 yet)
-
-
-def control_channels(balancer):
-    """The balancer's map guid -> ControlSession of every channel whose server data was accepted."""
-    channels = getattr(balancer, "control_channels", None)
-    if channels is None:
-        channels = balancer.control_channels = {}
-    return channels
-
-
-def install(balancer):
-    """Route the control channel and binding endpoint paths (sgc-compatible and prefixed) on ``balancer``."""
-    control_channels(balancer)
-    balancer.ws_routes[SGC_CONTROL_PATH] = ControlSession
-    balancer.ws_routes[balancer.prefix + "control"] = ControlSession
-    endpoint = BindingEndpoint(balancer)
-    balancer.http_routes[SGC_BINDING_PATH] = endpoint
-    balancer.http_routes[balancer.prefix + "binding"] = endpoint
-    return balancer
 
 
 # -- authentication -----------------------------------------------------------------------------
@@ -168,10 +156,12 @@ class ControlSession(OwnSession):
         super().__init__(balancer, conn)
         self.registration = balancer.registry.begin(conn.peer)
         self.pending = PendingBackend(conn.peer)
-        self.channels = control_channels(balancer)
+        self.channels = balancer.control_channels
         self.outbox = None  # glb.broadcast.Outbox while the channel runs: every frame glb sends on it
         self._left = False
         self._dropping = False  # client records are being dropped (max_clients_reported)
+        self._subscribed = False  # the backend asked for glb@lb@ready (glb.ready_set)
+        self._route = None  # the guids a route record limits the next envelope to
 
     @classmethod
     def prepare(cls, balancer, conn, environ):
@@ -225,6 +215,8 @@ class ControlSession(OwnSession):
             if self.channels.get(backend.guid) is self:
                 del self.channels[backend.guid]
             log.info("= %s backend %s left the pool", self.conn.id, backend.guid)
+            self.balancer.ready_set.unsubscribe(self)
+            self.balancer.ready_set.changed()
 
     def _refuse(self, reason, code=CloseCode.POLICY_VIOLATION):
         self.balancer.report_error(self.conn, f"control channel refused: {reason}")
@@ -236,16 +228,17 @@ class ControlSession(OwnSession):
     def on_message(self, message):
         if self._left:  # refused already; whatever the peer still sends is not news
             return True
+        route, self._route = self._route, None  # a route holds for the very next frame only
         if isinstance(message, str):
             if self.raw_message_handled(message):
                 return True
-            return self._on_text(message)
+            return self._on_text(message, route)
         if self.registration.backend is None:
             self._refuse("binary message before server data")
             return True
-        return self._relay_envelope(message, control_records.parse_binary_envelope)
+        return self._relay_envelope(message, control_records.parse_binary_envelope, route)
 
-    def _on_text(self, text):
+    def _on_text(self, text, route=None):
         registration = self.registration
         before_data = registration.backend is None
         try:
@@ -260,10 +253,13 @@ class ControlSession(OwnSession):
             self.balancer.report_error(self.conn, f"malformed record: {exc.reason}")
             return True
         if outcome == Outcome.ENVELOPE:
-            return self._on_envelope_text(text)
+            return self._on_envelope_text(text, route)
         backend = registration.backend
-        if outcome == Outcome.REGISTERED:
+        if outcome == Outcome.ROUTE:
+            self._route = registration.last.backends
+        elif outcome == Outcome.REGISTERED:
             self.channels[backend.guid] = self
+            self._subscribed = READY_SET in registration.last.subscribe
             log.info("< %s server data: guid %s weight %s", self.conn.id, backend.guid, backend.weight)
         elif outcome == Outcome.CLIENT_DROPPED:
             if not self._dropping:  # one error per channel, not one per record
@@ -275,6 +271,9 @@ class ControlSession(OwnSession):
             log.info("= %s backend %s ready: %s", self.conn.id, backend.guid,
                      ", ".join(b.netloc for b in backend.bindings) or "no bindings")
             self.bus.fire(self.bus.server_ready, connection=self.conn, backend=backend)
+            self.balancer.ready_set.changed()
+            if self._subscribed and not self._left:
+                self.balancer.ready_set.subscribe(self)
         elif outcome == Outcome.DRAIN:
             log.info("< %s backend %s drains itself (spread %s)", self.conn.id, backend.guid,
                      registration.last.spread)
@@ -284,21 +283,22 @@ class ControlSession(OwnSession):
             self.balancer.pool.undrain(backend)
         return True
 
-    def _on_envelope_text(self, text):
+    def _on_envelope_text(self, text, route):
         if text.startswith("{"):  # shaped like a record, so certainly not an envelope
             self.balancer.report_error(self.conn, f"{describe_non_record(text)}; dropped")
             return True
-        return self._relay_envelope(text, control_records.parse_text_envelope)
+        return self._relay_envelope(text, control_records.parse_text_envelope, route)
 
-    def _relay_envelope(self, message, parse):
-        """A well-formed envelope fires message/binary, then (unless handled) goes to every backend."""
+    def _relay_envelope(self, message, parse, route=None):
+        """A well-formed envelope fires message/binary, then (unless handled) goes to every backend,
+        or to those ``route`` lists."""
         try:
             parse(message)
         except RecordError as exc:
             self.balancer.report_error(self.conn, f"{exc.reason}; dropped")
             return True
         if not self.message_handled(message):
-            broadcast.fan_out(self.balancer, message)
+            broadcast.fan_out(self.balancer, message, route)
         return True
 
 

@@ -1,6 +1,6 @@
 """Control-channel records and broadcast envelopes: parsing and encoding, no sockets.
 
-A backend's control channel carries two kinds of text frame (see PROTOCOL.md):
+A backend's control channel carries two kinds of text frame (see docs/protocol.md):
 
 * a **record** — a JSON object whose ``method`` is exactly one of the
   ``sgc@lb@...`` names below, or the bare text ``sgc@lb@server@ready``;
@@ -28,6 +28,8 @@ CLIENT_CONNECTION = "sgc@lb@client@connection"
 READY = "sgc@lb@server@ready"
 DRAIN = "glb@server@drain"      # glb extension: the backend drains itself
 UNDRAIN = "glb@server@undrain"  # glb extension: ... and takes new clients again
+ROUTE = "glb@broadcast@to"      # glb extension: the next envelope goes only to these backends
+READY_SET = "glb@lb@ready"      # glb extension, glb -> subscribed backend: the backends glb relays to
 MAX_SPREAD = 86400
 
 MAX_ID_LENGTH = 256
@@ -115,13 +117,16 @@ class ServerData:
     """First record of a registration: who the backend is (glb extensions optional).
 
     ``http``: None = forward HTTP to the first binding's address; "" = take no HTTP.
+    ``subscribe``: the glb-to-backend extension records the backend understands (READY_SET);
+    glb sends none of them to a backend that did not list them, and ignores names it does not know.
     """
 
     guid: str
     weight: int = 1
     max_clients: int = 0
-    http: str = None
-    tags: tuple = ()
+    http: str | None = None
+    tags: tuple[str, ...] = ()
+    subscribe: tuple[str, ...] = ()
 
     def __post_init__(self):
         _check_id(SERVER_DATA, "guid", self.guid)
@@ -133,6 +138,7 @@ class ServerData:
         if not isinstance(tags, (list, tuple)) or not all(isinstance(t, str) for t in tags):
             _fail(SERVER_DATA, "tags", f"must be a list of strings, got {self.tags!r}")
         object.__setattr__(self, "tags", tuple(self.tags))
+        object.__setattr__(self, "subscribe", _id_list(SERVER_DATA, "subscribe", self.subscribe))
 
 
 @dataclass(frozen=True)
@@ -182,7 +188,7 @@ class Drain:
     """glb extension: no new clients for this backend; ``spread`` (seconds) closes its
     sessions with 1012 at random moments within that window, None keeps them."""
 
-    spread: float = None
+    spread: float | None = None
 
     def __post_init__(self):
         spread = self.spread
@@ -194,6 +200,45 @@ class Drain:
 @dataclass(frozen=True)
 class Undrain:
     """glb extension: a backend that drained itself takes new clients again."""
+
+
+@dataclass(frozen=True)
+class BroadcastRoute:
+    """glb extension: the envelope that comes next on this channel goes only to these backends
+    (those of them this glb relays to); any other frame in between voids it."""
+
+    backends: tuple
+
+    def __post_init__(self):
+        object.__setattr__(self, "backends", _id_list(ROUTE, "backends", self.backends))
+
+
+@dataclass(frozen=True)
+class ReadySet:
+    """glb extension, glb -> a backend that subscribed: the guids glb relays envelopes to.
+
+    ``ready`` (a tuple) replaces what the backend knew; None means a change: ``joined`` and
+    ``left`` since the previous one, in the order glb sent them.
+    """
+
+    ready: tuple[str, ...] | None = None
+    joined: tuple[str, ...] = ()
+    left: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.ready is not None:
+            object.__setattr__(self, "ready", _id_list(READY_SET, "ready", self.ready))
+        for field in ("joined", "left"):
+            object.__setattr__(self, field, _id_list(READY_SET, field, getattr(self, field)))
+
+
+def _id_list(method, field, value):
+    """``value`` (a list of ids) as a tuple, or RecordError."""
+    if not isinstance(value, (list, tuple)):
+        _fail(method, field, f"must be a list of ids, got {value!r}")
+    for item in value:
+        _check_id(method, field, item)
+    return tuple(value)
 
 
 _MISSING = object()
@@ -214,12 +259,13 @@ def _build(cls, method, obj, required, optional):
 
 _PARSERS = {
     SERVER_DATA: lambda obj: _build(
-        ServerData, SERVER_DATA, obj, ("guid",), ("weight", "max_clients", "http", "tags")),
+        ServerData, SERVER_DATA, obj, ("guid",), ("weight", "max_clients", "http", "tags", "subscribe")),
     BINDING: lambda obj: _build(Binding, BINDING, obj, ("host", "port"), ("ssl",)),
     CLIENT_CONNECTION: lambda obj: _build(
         ClientRecord, CLIENT_CONNECTION, obj, ("active", "guid"), ("ip", "channel", "protocol")),
     DRAIN: lambda obj: _build(Drain, DRAIN, obj, (), ("spread",)),
     UNDRAIN: lambda obj: Undrain(),
+    ROUTE: lambda obj: _build(BroadcastRoute, ROUTE, obj, ("backends",), ()),
 }
 
 
@@ -238,7 +284,8 @@ def parse_record(text):
         return None
     if not isinstance(obj, dict):
         return None
-    parser = _PARSERS.get(obj.get("method")) if isinstance(obj.get("method"), str) else None
+    method = obj.get("method")
+    parser = _PARSERS.get(method) if isinstance(method, str) else None
     return parser(obj) if parser else None
 
 
@@ -264,8 +311,14 @@ def encode_record(record):
         return _dumps({"method": DRAIN} if record.spread is None else {"method": DRAIN, "spread": record.spread})
     if isinstance(record, Undrain):
         return _dumps({"method": UNDRAIN})
+    if isinstance(record, BroadcastRoute):
+        return _dumps({"method": ROUTE, "backends": list(record.backends)})
+    if isinstance(record, ReadySet):
+        if record.ready is not None:
+            return _dumps({"method": READY_SET, "ready": list(record.ready)})
+        return _dumps({"method": READY_SET, "joined": list(record.joined), "left": list(record.left)})
     if isinstance(record, ServerData):
-        obj = {"method": SERVER_DATA, "guid": record.guid}
+        obj: dict[str, object] = {"method": SERVER_DATA, "guid": record.guid}
         if record.weight != 1:
             obj["weight"] = record.weight
         if record.max_clients:
@@ -274,12 +327,30 @@ def encode_record(record):
             obj["http"] = record.http
         if record.tags:
             obj["tags"] = list(record.tags)
+        if record.subscribe:
+            obj["subscribe"] = list(record.subscribe)
         return _dumps(obj)
     raise TypeError(f"not a control record: {record!r}")
 
 
-def encode_server_data(guid, weight=1, max_clients=0, http=None, tags=()):
-    return encode_record(ServerData(guid, weight, max_clients, http, tags))
+def parse_ready_set(text):
+    """The ReadySet in a text frame from glb, or None when the frame is not one (an envelope).
+
+    Raises RecordError for a ``glb@lb@ready`` record with bad fields.
+    """
+    if not text.startswith("{"):
+        return None
+    try:
+        obj = json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(obj, dict) or obj.get("method") != READY_SET:
+        return None
+    return _build(ReadySet, READY_SET, obj, (), ("ready", "joined", "left"))
+
+
+def encode_server_data(guid, weight=1, max_clients=0, http=None, tags=(), subscribe=()):
+    return encode_record(ServerData(guid, weight, max_clients, http, tags, subscribe))
 
 
 def encode_binding(host, port, ssl=False):

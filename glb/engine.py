@@ -47,6 +47,9 @@ LINGER = "linger"  # timer job: the closing handshake took too long, end both le
 GIVE_UP = "give up"  # timer job: the legs did not end after that either
 
 
+_NOTHING_READ: dict = {}  # never written to
+
+
 class RelayEngine:
     """Moves bytes for one ``ClientSession`` until both directions are done."""
 
@@ -70,7 +73,7 @@ class RelayEngine:
         self._watchers = {}  # leg -> its io watcher
         self._timer = None  # linger / give-up timer once one direction is done
         self._on_done = None  # called once, when the last direction is done
-        self._initial = {}  # raw direction -> bytes read with the handshake, for the first job
+        self._initial: dict = {}  # raw direction -> bytes read with the handshake, for the first job
 
     def run(self, on_done):
         """Start relaying on io watchers; ``on_done()`` is called once when both directions are done.
@@ -138,7 +141,8 @@ class RelayEngine:
                         src.last_activity = monotonic()
                         sent = dst.ws.send_now(data)
                         if sent == len(data):
-                            dst.wrote()
+                            if dst.boundary is not None:  # glb's own frame waits for a boundary
+                                dst.wrote()
                             return
                         job = (src, memoryview(data)[sent:], None)
                     else:
@@ -193,6 +197,7 @@ class RelayEngine:
             for src in (self.client, self.backend):
                 if src in self._directions and not self._receive(src, self._initial.pop(src, None) or None):
                     self._direction_done(src)
+            self._initial = _NOTHING_READ  # shared: one dict less per session
             return
         if job is LINGER:
             for leg in self._directions:
@@ -482,7 +487,7 @@ def _only_pongs(notes, size, header_size):
 # worker is only switched into. At most IDLE_WORKERS wait; more are made on demand
 # (while jobs block in sends) and end when not needed.
 IDLE_WORKERS = 64
-_idle_workers = []
+_idle_workers: list[greenlet] = []
 
 
 def run_on_worker(func, arg):

@@ -12,6 +12,7 @@ traceback, fires ``exception`` (never recursively), and the session goes on.
 
 import logging
 from collections import namedtuple
+from typing import Any, Callable
 
 from blinker import Signal
 
@@ -77,18 +78,26 @@ class Event:
     emitting code acts on after every handler has run.
     """
 
-    def __init__(self, name, **attrs):
+    name: str
+    handled: bool  # a handler set it: glb drops the message or skips what the event announced
+    rejection: tuple[int, str] | None
+    response: tuple[int, dict[str, str], bytes] | None
+
+    def __init__(self, name: str, **attrs: Any) -> None:
         self.name = name
         self.handled = False
         self.rejection = None
         self.response = None
         self.__dict__.update(attrs)
 
-    def reject(self, status, reason=""):
+    def __getattr__(self, attr: str) -> Any:  # the attributes each row carries (see EVENT_TABLE)
+        raise AttributeError(f"event {self.name!r} carries no {attr!r}")
+
+    def reject(self, status: int, reason: str = "") -> None:
         """Refuse a handshake: the client gets this HTTP status and no session."""
         self.rejection = (int(status), str(reason))
 
-    def respond(self, status, headers=None, body=b""):
+    def respond(self, status: int, headers: dict[str, str] | None = None, body: bytes | str = b"") -> None:
         """Answer an HTTP request directly: no backend is called."""
         if isinstance(body, str):
             body = body.encode("utf-8")
@@ -114,7 +123,7 @@ class EventBus:
             setattr(self, spec.name, EventSignal(spec))
         self.handler_errors = dict.fromkeys(EVENT_NAMES, 0)  # event -> handler calls that raised
 
-    def fire(self, signal, **attrs):
+    def fire(self, signal: "EventSignal", **attrs: Any) -> Event | None:
         """Send an event to every receiver; None (and no Event built) if there are none."""
         if not signal.receivers:
             return None
@@ -122,7 +131,7 @@ class EventBus:
         signal.send(event)
         return event
 
-    def add_handler(self, name, func, origin="handler"):
+    def add_handler(self, name: str, func: Callable[[Event], None], origin: str = "handler"):
         """Connect ``func(event)`` to event ``name``, contained so it cannot break a session."""
         signal = getattr(self, name)
         receiver = _contained(self, name, func, origin)

@@ -72,7 +72,7 @@ _CLOSE_CODE = struct.Struct("!H")
 _new_utf8_decoder = codecs.getincrementaldecoder("utf-8")
 
 
-def apply_mask(data, key):
+def apply_mask(data: bytes | memoryview, key: bytes) -> bytes:
     """XOR ``data`` with the 4-byte ``key`` repeated, as one big-integer operation."""
     length = len(data)
     if not length:
@@ -94,7 +94,8 @@ def _mask_key():
     return key
 
 
-def encode_frame(opcode, payload, fin=True, mask=False, rsv=0):
+def encode_frame(opcode: int, payload: bytes | memoryview, fin: bool = True, mask: bool = False,
+                 rsv: int = 0) -> bytes:
     """One frame on the wire; ``mask=True`` for frames a client sends."""
     length = len(payload)
     first = (0x80 if fin else 0) | (rsv << 4) | opcode
@@ -111,7 +112,7 @@ def encode_frame(opcode, payload, fin=True, mask=False, rsv=0):
     return b"".join((header, payload))
 
 
-def frame_size(payload_length, masked):
+def frame_size(payload_length: int, masked: bool) -> int:
     """Bytes a frame with this payload takes on the wire, header (and mask key) included."""
     if payload_length < 126:
         header = 2
@@ -122,7 +123,7 @@ def frame_size(payload_length, masked):
     return header + (4 if masked else 0) + payload_length
 
 
-def encode_close_payload(code, reason=""):
+def encode_close_payload(code: int, reason: str | bytes = "") -> bytes:
     """A close frame's payload; a reason too long for a control frame is cut at a character.
 
     ``CloseCode.NO_STATUS`` gives the empty payload (its only wire form).
@@ -142,7 +143,7 @@ def encode_close_payload(code, reason=""):
     return _CLOSE_CODE.pack(code) + data
 
 
-def parse_close_payload(payload):
+def parse_close_payload(payload: bytes) -> tuple[int, str]:
     """``(code, reason)`` from a received close payload; empty means ``(NO_STATUS, "")``."""
     if not payload:
         return CloseCode.NO_STATUS, ""
@@ -158,7 +159,7 @@ def parse_close_payload(payload):
     return code, reason
 
 
-def parse_frame_header(buf, offset=0):
+def parse_frame_header(buf: bytes | bytearray | memoryview, offset: int = 0) -> FrameHeader | None:
     """The header starting at ``buf[offset]``, or None until enough bytes are there.
 
     Only structure is read here; ``check_header`` judges it.
@@ -192,7 +193,7 @@ def parse_frame_header(buf, offset=0):
     return FrameHeader(first >= 0x80, (first >> 4) & 7, first & 0x0F, masked, length, mask_key, size)
 
 
-def check_header(header, expect_masked):
+def check_header(header: FrameHeader, expect_masked: bool) -> None:
     """Raise ProtocolError for a header that is wrong on its own, whatever came before."""
     if header.rsv:
         raise ProtocolError("reserved bits set without a negotiated extension")
@@ -257,12 +258,12 @@ class FrameReader(_MessageSequence):
         self.expect_masked = expect_masked
         self._buffer = bytearray()
         self._header = None  # judged header whose payload is still arriving
-        self._decoder = None  # UTF-8 decoder while a text message is in progress
+        self._decoder: codecs.IncrementalDecoder | None = None  # while a text message is in progress
 
-    def feed(self, data):
+    def feed(self, data: bytes) -> None:
         self._buffer += data
 
-    def next_frame(self):
+    def next_frame(self) -> Frame | None:
         """The next complete frame, or None until more bytes are fed; raises ProtocolError."""
         buffer = self._buffer
         header = self._header
@@ -290,11 +291,12 @@ class FrameReader(_MessageSequence):
     def _frame(self, header, payload):
         opcode = header.opcode
         text = None
-        if opcode == OP_TEXT or (opcode == OP_CONTINUATION and self._decoder is not None):
-            if opcode == OP_TEXT:
-                self._decoder = _new_utf8_decoder()
+        if opcode == OP_TEXT:
+            self._decoder = _new_utf8_decoder()
+        decoder = self._decoder
+        if decoder is not None and opcode in (OP_TEXT, OP_CONTINUATION):
             try:
-                text = self._decoder.decode(payload, header.fin)
+                text = decoder.decode(payload, header.fin)
             except UnicodeDecodeError:
                 raise ProtocolError("invalid UTF-8 in a text message", CloseCode.INVALID_DATA) from None
             if header.fin:
@@ -308,7 +310,7 @@ class FrameReader(_MessageSequence):
         """True when no frame is partly received."""
         return self._header is None and not self._buffer
 
-    def take_unread(self):
+    def take_unread(self) -> bytes:
         """Hand over buffered bytes that no frame has consumed, to a caller switching to raw relaying."""
         if self._header is not None or self.in_message:
             raise ValueError("cannot hand over the stream in the middle of a frame or message")
@@ -348,7 +350,7 @@ class FrameScanner(_MessageSequence):
         """True when the bytes fed so far end exactly between two frames."""
         return not (self._skip or self._head or self._control is not None)
 
-    def feed(self, chunk):
+    def feed(self, chunk: bytes | memoryview) -> list[Control | Violation] | None:
         if self.error is not None:
             raise RuntimeError("FrameScanner fed after a violation")
         size = len(chunk)

@@ -116,6 +116,10 @@ def hand_over(balancer):
     balancer.servers = []
     for part in (balancer.health, balancer.rebalancer):  # the pool is the new glb's to watch and balance
         part.stop()
+    # HTTP clients' next requests go to the new glb: each kept-alive connection ends after its
+    # current response, an idle one now (the backends that registered here are leaving)
+    balancer.handed_over = True
+    balancer.http_proxy.end_idle_clients()
     channels = [conn for conn in balancer.connections.values() if conn.kind == CONTROL]
     for conn in channels:
         try:

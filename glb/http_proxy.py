@@ -852,7 +852,7 @@ class HttpProxy:
         no_body = head.method == "HEAD" or response.status in NO_BODY_STATUSES or response.status < 200
         touched = response.touched  # else: the backend's pairs, hop-by-hop already gone
         pairs = encode_pairs(strip_hop_by_hop(response.header_pairs())) if touched else list(response._raw)
-        keep = head.keep_alive and request.client_failure is None and not self.balancer.stopping
+        keep = head.keep_alive and request.client_failure is None and not self.balancer.ending_keep_alive
         chunked = False
         payload = b""
         extra = []

@@ -84,7 +84,7 @@ class ClientConnection:
                 keep = self.call_own(route, head)
             else:
                 keep = self.balancer.http_proxy.exchange(self, head)
-            if not keep or self.balancer.stopping:
+            if not keep or self.balancer.ending_keep_alive:
                 return
 
     def read_head(self, first):
@@ -242,7 +242,7 @@ class ClientConnection:
             self.refuse(Status.INTERNAL_ERROR, "internal error", report=False)
             return False
         payload = b"".join(out)
-        keep = head.keep_alive and not self.balancer.stopping
+        keep = head.keep_alive and not self.balancer.ending_keep_alive
         headers = [(n, v) for n, v in headers if n.lower() not in ("content-length", "connection")]
         headers.append(("Content-Length", str(len(payload))))
         if not keep:

@@ -26,7 +26,7 @@ class Leg(LegClose):
     header_size = 2  # header of a small (< 126 bytes) frame from this peer
 
     __slots__ = ("ws", "plain_sock", "fast", "inbound", "other", "out_scanner", "out_in_message", "last_activity", "last_pong",
-                 "ping_sent", "messages", "bytes", "_boundary")
+                 "ping_sent", "messages", "bytes", "boundary")
 
     def __init__(self, ws):
         super().__init__()
@@ -43,7 +43,7 @@ class Leg(LegClose):
         # Received from this peer where no raw scanner counts them (decoded frames, blind forwarding)
         self.messages = 0
         self.bytes = 0
-        self._boundary = None  # Event for glb's own frames waiting on a boundary (rarely made)
+        self.boundary = None  # Event for glb's own frames waiting on a boundary (made when one waits)
 
     def __repr__(self):
         return f"<{type(self).__name__} {self.ws!r}>"
@@ -71,23 +71,23 @@ class Leg(LegClose):
 
     def wrote(self):
         """The engine wrote to this leg: wake whoever waits for a boundary, if one was reached."""
-        boundary = self._boundary
+        boundary = self.boundary
         if boundary is not None and self.between_frames():
-            self._boundary = None
+            self.boundary = None
             boundary.set()
 
     def wake(self):
         """Wake every waiter now (the session is ending, or a write of glb's own finished)."""
-        boundary = self._boundary
+        boundary = self.boundary
         if boundary is not None:
-            self._boundary = None
+            self.boundary = None
             boundary.set()
 
     def wait_boundary(self, timeout):
         """Block until the engine next signals a boundary on this leg, at most ``timeout`` seconds."""
-        if self._boundary is None:
-            self._boundary = Event()
-        self._boundary.wait(timeout)
+        if self.boundary is None:
+            self.boundary = Event()
+        self.boundary.wait(timeout)
 
     # -- closing -------------------------------------------------------------
 

@@ -6,7 +6,7 @@ testable (Autobahn included) without any backend.
 """
 
 from glb.connection import OWN
-from glb.websocket import OP_BINARY, OP_CONTINUATION, OP_TEXT
+from glb.frames import OP_BINARY, OP_CONTINUATION, OP_TEXT
 
 
 class OwnSession:

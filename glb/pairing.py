@@ -53,7 +53,8 @@ def pair(balancer, conn, environ):
 
     Up to ``1 + backend_retries`` backends are tried; a backend that refuses the
     handshake with a status decides for the client (no retry), an unreachable
-    one is reported and skipped. The backend's session count is taken from the pick and given back if it fails.
+    one is reported and skipped. A backend's session count is taken from the
+    pick and given back if the attempt fails.
     """
     settings = balancer.settings.glb
     if "websocket" not in settings.protocols:
@@ -61,40 +62,48 @@ def pair(balancer, conn, environ):
     request = balancer.pick_request(environ)
     headers = forwarded_headers(conn, environ)
     target = target_of(environ)
-    tried = []
+    tried: list = []  # registry entries already tried
     for _ in range(1 + settings.backend_retries):
         backend = balancer.pick_backend(request, exclude=tried)
         if backend is None:
             break
         tried.append(backend)
-        # Counted from the pick, not from the backend's 101: sessions arriving together
-        # (a reconnect wave) see each other and least-loaded placement spreads them.
-        balancer.registry.session_started(backend)
-        try:
-            upstream, _, answer = connect(
-                backend.binding_url(target), headers=headers,
-                timeout=settings.backend_connect_timeout,
-                ssl_context=balancer.backend_ssl_context(),
-                max_message_size=settings.max_message_size)
-        except HandshakeFailed as exc:
-            balancer.registry.session_ended(backend)
-            if exc.status is not None and exc.status != 101:
-                log.info("! %s backend %s refused the handshake: %s", conn.id, backend.guid, exc.status)
-                if exc.status >= 500:  # the backend is failing, not judging this client
-                    balancer.health.connect_failed(backend)
-                return Rejection.from_backend(exc.status, exc.headers, exc.body)
-            balancer.report_error(conn, f"backend {backend.guid} unreachable: {exc.reason}")
-            balancer.health.connect_failed(backend)
-            balancer.stats.connect_failed(backend.name, exc.reason)
-            continue
-        except BaseException:
-            balancer.registry.session_ended(backend)
-            raise
-        upstream.auto_pong = False
-        upstream.send_timeout = settings.send_timeout
-        conn.backend = backend
-        passed = [(name, value) for name, value in answer if name.lower() in PASSED_101_HEADERS]
-        return Paired(backend, upstream, passed)
+        answer = _open(balancer, conn, backend, target, headers)
+        if answer is not None:
+            return answer
     if not tried:
         return Rejection(Status.SERVICE_UNAVAILABLE, "no backend available")
     return Rejection(Status.BAD_GATEWAY, "no backend could be reached")
+
+
+def _open(balancer, conn, backend, target, headers):
+    """One attempt: ``Paired``, the backend's ``Rejection``, or None when it could not be reached."""
+    settings = balancer.settings.glb
+    # Counted from the pick, not from the backend's 101: sessions arriving together
+    # (a reconnect wave) see each other and least-loaded placement spreads them.
+    balancer.registry.session_started(backend)
+    try:
+        upstream, _, answer = connect(
+            backend.binding_url(target), headers=headers,
+            timeout=settings.backend_connect_timeout,
+            ssl_context=balancer.backend_ssl_context(),
+            max_message_size=settings.max_message_size)
+    except HandshakeFailed as exc:
+        balancer.registry.session_ended(backend)
+        if exc.status is not None and exc.status != 101:
+            log.info("! %s backend %s refused the handshake: %s", conn.id, backend.guid, exc.status)
+            if exc.status >= 500:  # the backend is failing, not judging this client
+                balancer.health.connect_failed(backend)
+            return Rejection.from_backend(exc.status, exc.headers, exc.body)
+        balancer.report_error(conn, f"backend {backend.guid} unreachable: {exc.reason}")
+        balancer.health.connect_failed(backend)
+        balancer.stats.connect_failed(backend.name, exc.reason)
+        return None
+    except BaseException:
+        balancer.registry.session_ended(backend)
+        raise
+    upstream.auto_pong = False
+    upstream.send_timeout = settings.send_timeout
+    conn.backend = backend
+    passed = [(name, value) for name, value in answer if name.lower() in PASSED_101_HEADERS]
+    return Paired(backend, upstream, passed)

@@ -21,8 +21,8 @@ from urllib.parse import urlsplit
 
 from glb.balancing import slow_start_weight
 from glb.control_records import (
-    CLIENT_CONNECTION, DRAIN, SERVER_DATA, Binding, ClientRecord, Drain, Ready, RecordError,
-    ServerData, Undrain, parse_record,
+    CLIENT_CONNECTION, DRAIN, SERVER_DATA, Binding, BroadcastRoute, ClientRecord, Drain, Ready,
+    RecordError, ServerData, Undrain, parse_record,
 )
 from glb.errors import CloseCode, GlbError
 
@@ -60,12 +60,13 @@ HEALTH_TRANSITIONS = {
 # backend may open another listener, and adding an address harms nobody.
 # A ready backend may drain itself and undrain again (glb's extension records;
 # either one in the state it leads to changes nothing).
-# Broadcast envelopes are not records: valid in any state once server data came.
+# Broadcast envelopes are not records: valid in any state once server data came, and so
+# is the route (glb's extension) that may precede one.
 ACCEPTED = {
     None: (ServerData,),
-    CONNECTING: (Binding, ClientRecord, Ready),
-    READY: (Binding, ClientRecord, Drain, Undrain),
-    DRAINING: (Binding, ClientRecord, Drain, Undrain),
+    CONNECTING: (Binding, ClientRecord, Ready, BroadcastRoute),
+    READY: (Binding, ClientRecord, Drain, Undrain, BroadcastRoute),
+    DRAINING: (Binding, ClientRecord, Drain, Undrain, BroadcastRoute),
     GONE: (),
 }
 
@@ -80,6 +81,7 @@ class Outcome:
     READY = "ready"            # the backend became eligible: fire server_ready
     DRAIN = "drain"            # the backend asks to be drained (``Registration.last`` has the spread)
     UNDRAIN = "undrain"        # the backend asks to take new clients again
+    ROUTE = "route"            # the next envelope goes to ``Registration.last.backends`` only
     ENVELOPE = "envelope"      # not a record: a broadcast envelope for the caller
 
 
@@ -264,6 +266,8 @@ class Registration:
             return Outcome.DRAIN  # the caller drains through glb.pool, which also closes sessions
         if isinstance(record, Undrain):
             return Outcome.UNDRAIN
+        if isinstance(record, BroadcastRoute):
+            return Outcome.ROUTE
         self.registry._move(self.backend, READY)
         return Outcome.READY
 
@@ -416,8 +420,9 @@ class Registry:
 
     def _discard(self, backend):
         """Remove this very backend (not a newer one with the same guid)."""
-        if self._backends.get(backend.guid) is backend:
-            del self._backends[backend.guid]
+        guid = backend.guid
+        if self._backends.get(guid) is backend:
+            del self._backends[guid]
         if backend.state != GONE:
             self._move(backend, GONE)
 

@@ -118,6 +118,8 @@ class ClientSession:
         self._ended = True
         self.balancer.client_sessions.discard(self)
         for leg in (self.client, self.backend_leg):
+            if leg is None:  # the client's 101 was never written
+                continue
             leg.wake()
             try:
                 leg.sock.close()

@@ -38,6 +38,7 @@ from glb.live import LiveFeed, LiveSession, StatusPage
 from glb.metrics import MetricsEndpoint
 from glb.stats import Stats
 from glb.status import StatusEndpoint
+from glb.ready_set import ReadySetPublisher
 from glb.registry import Registry
 from glb.websocket import WebSocket
 
@@ -71,7 +72,10 @@ class Balancer:
         self.sessions = Group()  # every session greenlet, so stop() can wait for them
         self.servers = []
         self.stopping = False
+        self._sweeper = None  # the keep-alive greenlet, once started
+        self.handed_over = False  # the listeners went to a new glb (SIGUSR2); this one drains
         self.control_channels = {}  # guid -> ControlSession whose server data was accepted
+        self.ready_set = ReadySetPublisher(self)  # tells subscribed agents which backends get envelopes
         self.reload_hooks = []  # f(old_settings, new_settings), called once a reload is applied (glb.reload)
         self.ws_routes = {
             self.prefix + "echo": EchoSession,
@@ -164,6 +168,11 @@ class Balancer:
                 session.keep_alive(now, glb.ping_interval, glb.ping_timeout, glb.idle_timeout)
 
     @property
+    def ending_keep_alive(self):
+        """No further requests on kept-alive HTTP connections: stopping, or handed over to a new glb."""
+        return self.stopping or self.handed_over
+
+    @property
     def addresses(self):
         """Bound (host, port) of the plain listeners."""
         return [server.address[:2] for server in self.servers if not server.ssl_enabled]
@@ -177,11 +186,12 @@ class Balancer:
         """Stop accepting, close every session with 1001, wait up to ``timeout``, then kill."""
         timeout = self.settings.glb.shutdown_timeout if timeout is None else timeout
         self.stopping = True
-        if getattr(self, "_sweeper", None) is not None:
+        if self._sweeper is not None:
             self._sweeper.kill(block=False)
         for part in (self.health, self.rebalancer, self.pool):
             part.stop()
         self.live_feed.stop()
+        self.ready_set.stop()
         for server in self.servers:
             server.close()
         for conn in list(self.connections.values()):
@@ -318,11 +328,12 @@ class Balancer:
 
     # -- glb's own messages (glb.broadcast) --------------------------------
 
-    def broadcast(self, message, channel="", protocol="", include="", exclude=""):
+    def broadcast(self, message: str | bytes, channel: str = "", protocol: str = "", include: str = "",
+                  exclude: str = "") -> int:
         """Send to the clients of every ready backend as an envelope; how many backends took it."""
         return broadcast.broadcast(self, message, channel, protocol, include, exclude)
 
-    def write_data(self, connection_id, message):
+    def write_data(self, connection_id: str, message: str | bytes) -> int:
         """Send to one of glb's own connections (Connection.id); 1 if written, 0 if not."""
         return broadcast.write_data(self, connection_id, message)
 
@@ -330,7 +341,7 @@ class Balancer:
         """Send to a client a backend reported (its own id), through the backends; how many took it."""
         return broadcast.write_backend_client(self, client_id, message)
 
-    def ping(self):
+    def ping(self) -> int:
         """Ping every WebSocket glb accepted, control channels included; how many were pinged."""
         return broadcast.ping(self)
 

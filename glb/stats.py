@@ -13,6 +13,10 @@ from bisect import bisect_left
 from collections import defaultdict
 
 DIRECTIONS = ("to_backend", "to_client")
+# How long a backend that left (and has no session left) keeps its figures in the views: several
+# scrape intervals, so its last increments are seen, and then its series end instead of piling up
+# as backends come and go under new names.
+FORGET_AFTER = 600.0
 
 # Upper bounds (seconds) of the histogram buckets; +Inf is implied.
 SESSION_BUCKETS = (0.1, 1, 10, 60, 300, 900, 3600, 14400, 86400)
@@ -76,13 +80,14 @@ class Figures:
 class BackendTotals(Figures):
     """What ended sessions and HTTP requests left behind for one backend name."""
 
-    __slots__ = ("sessions", "connect_failures", "last_error")
+    __slots__ = ("sessions", "connect_failures", "last_error", "departed")
 
     def __init__(self):
         super().__init__()
         self.sessions = 0  # sessions ended
         self.connect_failures = 0
         self.last_error = ""
+        self.departed = None  # monotonic time it was first seen gone, with no session left
 
 
 class Stats:
@@ -132,6 +137,19 @@ class Stats:
         self.broadcast_envelopes += 1
         self.broadcast_dropped += dropped
 
+    def forget_departed(self, present, now):
+        """Drop the figures of backends absent from ``present`` for over FORGET_AFTER seconds."""
+        for name, totals in list(self.backends.items()):
+            if name in present:
+                totals.departed = None
+            elif totals.departed is None:
+                totals.departed = now
+            elif now - totals.departed > FORGET_AFTER:
+                del self.backends[name]
+                self.http_bytes.pop(name, None)
+                for key in [key for key in self.http_requests if key[0] == name]:
+                    del self.http_requests[key]
+
     def http_request(self, backend_name, status, seconds, body_bytes):
         """One plain HTTP request answered (by a backend, or by glb when ``backend_name`` is "-")."""
         self.http_requests[(backend_name, int(status))] += 1
@@ -139,14 +157,19 @@ class Stats:
         self.http_duration.observe(seconds)
 
 
-def backend_figures(balancer):
-    """Backend name -> messages and bytes relayed each way: ended sessions' totals plus the open ones'."""
-    figures = {name: totals.copy() for name, totals in balancer.stats.backends.items()}
-    for backend in balancer.registry.all():
-        figures.setdefault(backend.name, Figures())
-    for session in list(balancer.client_sessions):
-        name = session.backend.name
-        if name not in figures:
-            figures[name] = Figures()
-        figures[name].add(session.figures())
+def backend_figures(balancer, now=None):
+    """Backend name -> messages and bytes relayed each way: ended sessions' totals plus the open ones'.
+
+    Also where long-departed backends are forgotten (see FORGET_AFTER): whenever someone looks.
+    """
+    sessions = list(balancer.client_sessions)
+    present = {backend.name for backend in balancer.registry.all()}
+    present.update(session.backend.name for session in sessions)
+    stats = balancer.stats
+    stats.forget_departed(present, time.monotonic() if now is None else now)
+    figures = {name: totals.copy() for name, totals in stats.backends.items()}
+    for name in present:
+        figures.setdefault(name, Figures())
+    for session in sessions:
+        figures[session.backend.name].add(session.figures())
     return figures

@@ -1,8 +1,7 @@
 """WebSocket connections over gevent sockets: glb's replacement for gevent-websocket's WebSocket.
 
 The protocol rules live in ``glb.frames`` (socket-free); this module only
-moves bytes and keeps the closing state. Its names are re-exported here so
-callers can import everything WebSocket-related from one place.
+moves bytes and keeps the closing state.
 
 Closing, in one table (``closed_by`` / ``close_code`` / ``close_reason``)::
 
@@ -26,7 +25,6 @@ Nothing is ever written implicitly: there is no ``__del__``, so an unclosed
 WebSocket that is garbage-collected sends no close frame.
 """
 import base64
-import hashlib
 import logging
 import os
 import socket
@@ -41,7 +39,7 @@ from gevent.event import Event
 from gevent.lock import Semaphore
 
 from glb.errors import CloseCode, ConnectionClosed, HandshakeFailed, ProtocolError
-from glb.frames import (  # re-exported: see __all__
+from glb.frames import (
     CONTROL_OPCODES,
     DATA_OPCODES,
     MAX_CONTROL_PAYLOAD,
@@ -51,27 +49,12 @@ from glb.frames import (  # re-exported: see __all__
     OP_PING,
     OP_PONG,
     OP_TEXT,
-    Control,
-    Frame,
-    FrameHeader,
     FrameReader,
-    FrameScanner,
-    Violation,
-    apply_mask,
-    check_header,
     encode_close_payload,
     encode_frame,
     parse_close_payload,
-    parse_frame_header,
 )
-
-__all__ = [
-    "OP_CONTINUATION", "OP_TEXT", "OP_BINARY", "OP_CLOSE", "OP_PING", "OP_PONG",
-    "CONTROL_OPCODES", "DATA_OPCODES", "MAX_CONTROL_PAYLOAD",
-    "Frame", "FrameHeader", "Control", "Violation", "FrameReader", "FrameScanner",
-    "apply_mask", "check_header", "encode_frame", "encode_close_payload", "parse_close_payload",
-    "parse_frame_header", "DEFAULT_MAX_MESSAGE_SIZE", "WebSocket", "connect",
-]
+from glb.handshake import accept_key
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +69,6 @@ TURN_BYTES = 256 * 1024
 FRAME_COST = 2048
 MAX_RESPONSE_HEAD = 64 * 1024
 MAX_ERROR_BODY = 64 * 1024
-WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 # The caller's headers pass through verbatim except these, which belong to this handshake.
 HANDSHAKE_HEADERS = frozenset(
@@ -712,7 +694,7 @@ def _check_upgrade(headers, key, offered_protocols):
     tokens = (_header_value(headers, "connection") or "").lower().split(",")
     if "upgrade" not in (token.strip() for token in tokens):
         refuse("101 response without Connection: Upgrade")
-    expected = base64.b64encode(hashlib.sha1(key + WEBSOCKET_GUID).digest()).decode("ascii")
+    expected = accept_key(key.decode("ascii"))
     if _header_value(headers, "sec-websocket-accept") != expected:
         refuse("101 response with a wrong Sec-WebSocket-Accept")
     chosen = _header_value(headers, "sec-websocket-protocol")

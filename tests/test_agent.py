@@ -14,8 +14,8 @@ from glb import control_records as records
 from glb.agent import Agent, Backoff, control_url
 from glb.control_records import RecordError
 from glb.errors import CloseCode
-from tests.support import base_url
-from tests.test_control import Recorder, get_binding, wired_glb
+from tests.support import base_url, running_glb
+from tests.test_control import Recorder, get_binding
 
 
 def free_port():
@@ -45,7 +45,7 @@ def client_record_applied(seen, conn_id, active):
 
 
 def test_two_agents_register_with_events_in_order(agents):
-    with wired_glb() as glb:
+    with running_glb() as glb:
         seen = Recorder(glb, "server_connect", "server_ready")
         a = agents(base_url(glb), guid="a", bindings=[("127.0.0.1", 9001)], weight=2).start()
         b = agents(base_url(glb), guid="b", bindings=[("127.0.0.1", 9002, False)]).start()
@@ -60,7 +60,7 @@ def test_two_agents_register_with_events_in_order(agents):
 
 
 def test_a_stopped_agent_leaves_at_once_and_is_never_offered_again(agents):
-    with wired_glb() as glb:
+    with running_glb() as glb:
         seen = Recorder(glb, "server_ready", "server_disconnect")
         agents(base_url(glb), guid="stays", bindings=[("127.0.0.1", 9001)]).start()
         leaver = agents(base_url(glb), guid="leaves", bindings=[("127.0.0.1", 9002)]).start()
@@ -84,7 +84,7 @@ def test_a_stopped_agent_leaves_at_once_and_is_never_offered_again(agents):
 def test_client_records_reach_glb_and_are_repeated_after_glb_restarts(agents):
     port = free_port()
     listen = {"listen": f"127.0.0.1:{port}"}
-    with wired_glb(glb=listen) as first:
+    with running_glb(glb=listen) as first:
         seen = Recorder(first, "server_ready", "raw_message", "server_disconnect")
         agent = agents(f"ws://127.0.0.1:{port}", guid="b1", bindings=[("127.0.0.1", 9001)]).start()
         seen.wait("server_ready")
@@ -96,7 +96,7 @@ def test_client_records_reach_glb_and_are_repeated_after_glb_restarts(agents):
         backend = first.registry.get("b1")
         assert backend.clients == 1 and backend.reported_clients["c1"].ip == "10.0.0.7"
 
-    with wired_glb(glb=listen) as second:  # same port, brand-new glb: the agent comes back by itself
+    with running_glb(glb=listen) as second:  # same port, brand-new glb: the agent comes back by itself
         seen = Recorder(second, "server_ready")
         ready = seen.wait("server_ready", timeout=10)[0]
         assert ready.backend.guid == "b1"
@@ -106,7 +106,7 @@ def test_client_records_reach_glb_and_are_repeated_after_glb_restarts(agents):
 
 
 def test_the_agent_reports_to_every_glb(agents):
-    with wired_glb() as one, wired_glb() as two:
+    with running_glb() as one, running_glb() as two:
         seen_one = Recorder(one, "server_ready", "raw_message")
         seen_two = Recorder(two, "server_ready", "raw_message")
         agent = agents([base_url(one), base_url(two) + "/sgc@load_balancer_client"], guid="b1",
@@ -120,7 +120,7 @@ def test_the_agent_reports_to_every_glb(agents):
 
 
 def test_token_lets_an_agent_in_where_its_address_is_not_allowed(agents):
-    with wired_glb(backends={"allow": "10.0.0.0/8", "token": "s3cret"}) as glb:
+    with running_glb(backends={"allow": "10.0.0.0/8", "token": "s3cret"}) as glb:
         seen = Recorder(glb, "handshake", "server_connect", "server_ready")
         refused = agents(base_url(glb), guid="no-token", bindings=[("127.0.0.1", 9001)]).start()
         seen.wait("handshake", count=2)  # refused, and trying again
@@ -133,7 +133,7 @@ def test_token_lets_an_agent_in_where_its_address_is_not_allowed(agents):
 
 
 def test_a_refused_agent_backs_off_instead_of_hammering(agents):
-    with wired_glb() as glb:
+    with running_glb() as glb:
         seen = Recorder(glb, "server_ready", "server_connect")
         agents(base_url(glb), guid="same", bindings=[("127.0.0.1", 9001)]).start()
         seen.wait("server_ready")
@@ -146,7 +146,7 @@ def test_a_refused_agent_backs_off_instead_of_hammering(agents):
 
 
 def test_envelopes_from_glb_reach_on_envelope(agents):
-    with wired_glb() as glb:
+    with running_glb() as glb:
         seen = Recorder(glb, "server_ready")
         got = {"a": gevent.event.AsyncResult(), "b": gevent.event.AsyncResult()}
         a = agents(base_url(glb), guid="a", bindings=[("127.0.0.1", 9001)], on_envelope=got["a"].set).start()
@@ -205,7 +205,7 @@ def test_backoff_doubles_to_the_cap_with_jitter_and_resets():
 
 
 def test_binding_endpoint_spreads_clients_over_agents(agents):
-    with wired_glb(glb={"balancing": "round_robin"}) as glb:
+    with running_glb(glb={"balancing": "round_robin"}) as glb:
         seen = Recorder(glb, "server_ready")
         for i in (1, 2, 3):
             agents(base_url(glb), guid=f"b{i}", bindings=[("127.0.0.1", 9000 + i)]).start()
@@ -258,7 +258,7 @@ def test_a_silent_glb_is_noticed_by_the_heartbeat_and_the_agent_reconnects():
 def test_a_broadcast_while_a_restarted_glb_is_refilling_reaches_the_backends_it_lacks(agents):
     """Two glbs; after A restarts, Y is back on A but X is not yet: Y's broadcasts must go
     through B, which holds everyone, not through A, the first in Y's list."""
-    with wired_glb() as a, wired_glb() as b:
+    with running_glb() as a, running_glb() as b:
         got = gevent.queue.Queue()
         x = agents([base_url(a), base_url(b)], guid="x", bindings=[("127.0.0.1", 9001)],
                    on_envelope=got.put, backoff_base=0.05)
@@ -273,7 +273,7 @@ def test_a_broadcast_while_a_restarted_glb_is_refilling_reaches_the_backends_it_
         host, port = a.addresses[0]
         x.links[0].backoff.base = x.links[0].backoff.cap = 60  # X will not be back on A in this test
         a.stop(timeout=1)
-        with wired_glb(glb={"listen": f"{host}:{port}"}) as restarted:
+        with running_glb(glb={"listen": f"{host}:{port}"}) as restarted:
             with gevent.Timeout(10, AssertionError("y did not register with the restarted glb")):
                 while y.links[0].registrations < 2 or restarted.registry.get("y") is None:
                     gevent.sleep(0.01)

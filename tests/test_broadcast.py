@@ -1,4 +1,4 @@
-"""Broadcast across backends (issue 7): envelopes relayed by glb, glb's own API, the agent and the demo.
+"""Broadcast across backends: envelopes relayed by glb, glb's own API, the agent and the demo.
 
 Everything runs on 127.0.0.1 with real sockets; the first test uses real processes
 (``python -m glb`` and two ``python -m glb.demo_backend``). No test sleeps to guess at
@@ -29,7 +29,7 @@ from glb.frames import OP_BINARY, OP_CONTINUATION, OP_PING, encode_frame
 from tests.backends import ScriptedBackend, started
 from tests.support import base_url, running_glb, ws_connect
 from tests.test_agent import free_port
-from tests.test_control import Recorder, open_channel, received, register
+from tests.test_control import Recorder, closed_with, open_channel, received, register
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -493,3 +493,163 @@ def test_the_outbox_of_a_stuck_channel_is_bounded_in_bytes_not_frames(monkeypatc
         gone = seen.wait("server_disconnect", timeout=10)[0]
         assert gone.backend.guid == "stuck" and gone.code == CloseCode.POLICY_VIOLATION
         stuck.abort()
+
+
+# -- several glbs, none holding every backend ---------------------------------------------------
+
+def drop_channel(glb, backend, link_index):
+    """``backend``'s channel to ``glb`` ends while glb stays up, and its agent stays away from it."""
+    link = backend.agent.links[link_index]
+    link.backoff.base = link.backoff.cap = 60  # not back within the test
+    glb.control_channels[backend.guid].conn.websocket.close(CloseCode.GOING_AWAY, "dropped")
+    wait_until(lambda: link.registered_at is None and backend.guid not in glb.control_channels,
+               timeout=5, what=f"{backend.guid} off {link.url}")
+
+
+@pytest.mark.timeout(40)
+def test_a_broadcast_reaches_every_backend_exactly_once_when_no_glb_holds_them_all():
+    """A is registered with both glbs, B only with glb2, C only with glb1 (each lost its channel to
+    the other glb, which stayed up): every client of A, B and C gets each of A's broadcasts once."""
+    with running_glb() as glb1, running_glb() as glb2:
+        urls = [base_url(glb1), base_url(glb2)]
+        a, b, c = backends = [DemoBackend(lb_urls=urls, guid=guid) for guid in "ABC"]
+        try:
+            for backend in backends:
+                backend.start()
+            wait_until(lambda: all(backend.agent.registered for backend in backends), what="all registered")
+            drop_channel(glb1, b, 0)
+            drop_channel(glb2, c, 1)
+            glb1_link, glb2_link = a.agent.links
+            wait_until(lambda: glb1_link.ready_backends == {"A", "C"} and glb2_link.ready_backends == {"A", "B"},
+                       timeout=5, what="A told what each glb holds")
+            clients = {backend.guid: [demo_client(backend), demo_client(backend)] for backend in backends}
+            sent = [f"m{i}" for i in range(20)]
+            for payload in sent:
+                clients["A"][0].send("broadcast:" + payload)
+            clients["A"][0].send("whoami")  # answered once A has handed every broadcast to its agent
+            assert clients["A"][0].recv() == "A"
+            # A marker through each glb, unrouted: behind it on every path nothing more can come.
+            for link in a.agent.links:
+                link.put(encode_envelope("end"))
+            paths = {"A": 2, "B": 1, "C": 1}  # how many glbs hold each backend
+            for guid, sockets in clients.items():
+                for ws in sockets:
+                    got, ends = [], 0
+                    while ends < paths[guid]:
+                        message = ws.recv()
+                        ends += message == "end"
+                        if message != "end":
+                            got.append(message)
+                    assert got == sent, guid
+            close_all(*(ws for sockets in clients.values() for ws in sockets))
+        finally:
+            for backend in backends:
+                backend.stop()
+
+
+class _Link:
+    def __init__(self, registered_at, ready_backends):
+        self.registered_at, self.ready_backends, self.outbox = registered_at, ready_backends, object()
+
+
+@pytest.mark.parametrize("links, plan", [
+    ([(1, {"a", "c"}), (2, {"a", "b"})], [(0, None), (1, ("b",))]),     # equals: the older first
+    ([(1, {"a"}), (2, {"a", "b"})], [(1, None)]),                         # the one holding most
+    ([(2, {"a", "b"}), (1, None)], [(1, None)]),                          # one has not said: the older
+    ([(1, {"a"}), (2, {"b", "c"}), (3, {"b", "c", "d"}), (4, {"b", "e"})],
+     [(2, None), (0, ("a",)), (3, ("e",))]),                              # each backend once
+    ([(None, None), (None, None)], [(0, None)]),                          # connected, not registered
+])
+def test_broadcast_plan_covers_each_known_backend_once(links, plan):
+    agent = Agent(["ws://127.0.0.1:1", "ws://127.0.0.1:2", "ws://127.0.0.1:3", "ws://127.0.0.1:4"][:len(links)])
+    agent.links = [_Link(*link) for link in links]
+    assert [(agent.links.index(link), backends) for link, backends in agent.broadcast_plan()] == plan
+
+
+def test_a_subscribed_backend_is_told_what_glb_relays_to_and_an_sgc_backend_is_not():
+    with running_glb() as glb:
+        seen = Recorder(glb, "server_ready")
+        sgc = register(glb, "sgc", 9001, seen)
+        agent = register(glb, "agent", 9002, seen, subscribe=[records.READY_SET])
+        ready = records.parse_ready_set(received(agent))
+        assert ready.ready is not None and set(ready.ready) <= {"sgc", "agent"}
+        known = set(ready.ready)
+        while known != {"sgc", "agent"}:
+            change = records.parse_ready_set(received(agent))
+            known = (known - set(change.left)) | set(change.joined)
+        late = register(glb, "late", 9003, seen)
+        sgc.close()
+        while known != {"agent", "late"}:
+            change = records.parse_ready_set(received(agent))
+            assert change.ready is None
+            known = (known - set(change.left)) | set(change.joined)
+        envelope = records.encode_text_envelope("only envelopes")
+        late.send(envelope)
+        assert received(late) == envelope  # nothing else came first
+        assert received(agent) == envelope
+        for ws in (agent, late):
+            ws.close()
+
+
+def test_a_route_sends_the_next_envelope_to_the_listed_backends_only():
+    with running_glb() as glb:
+        seen = Recorder(glb, "server_ready")
+        a, b, c = (register(glb, guid, 9001 + i, seen) for i, guid in enumerate("abc"))
+        routed, everyone = records.encode_text_envelope("routed"), records.encode_text_envelope("everyone")
+        a.send(records.encode_record(records.BroadcastRoute(("b", "gone"))))
+        a.send(routed)
+        a.send(records.encode_record(records.BroadcastRoute(("b",))))
+        a.send(records.encode_client(True, "c1"))  # not an envelope: the route is void
+        a.send(everyone)
+        assert [received(ws) for ws in (a, b, c)] == [everyone, routed, everyone]
+        assert received(b) == everyone
+        a.send('{"method":"glb@broadcast@to","backends":"b"}')
+        assert closed_with(a)[0] == CloseCode.POLICY_VIOLATION
+        for ws in (b, c):
+            ws.close()
+
+
+class _Channel:
+    """What ReadySetPublisher reads of a control channel: its backend's state and its Outbox."""
+
+    def __init__(self, guid):
+        self.registration = type("Registration", (), {})()
+        self.registration.backend = type("Backend", (), {"guid": guid, "state": "ready"})()
+        self.outbox = self
+        self.frames = []
+
+    def put(self, frame):
+        self.frames.append(frame)
+        return True
+
+    def send(self, message):
+        return self.put(broadcast.encode_message_frame(message))
+
+    def told(self):
+        """The glb@lb@ready records received, decoded."""
+        return [records.parse_ready_set(frame[2 + (frame[1] == 126) * 2:].decode()) for frame in self.frames]
+
+
+def test_a_churning_pool_is_told_in_one_coalesced_change_per_interval():
+    from glb.ready_set import ReadySetPublisher
+    balancer = type("Balancer", (), {})()
+    balancer.control_channels = {guid: _Channel(guid) for guid in ("a", "b")}
+    publisher = ReadySetPublisher(balancer, interval=60)  # nothing more than the first push within the test
+    subscriber = balancer.control_channels["a"]
+    publisher.subscribe(subscriber)
+    for i in range(500):  # 500 backends join and leave, "b" leaves, "c" joins: no yield in between
+        balancer.control_channels[f"x{i}"] = _Channel(f"x{i}")
+        publisher.changed()
+        del balancer.control_channels[f"x{i}"]
+        publisher.changed()
+    del balancer.control_channels["b"]
+    balancer.control_channels["c"] = _Channel("c")
+    publisher.changed()
+    with gevent.Timeout(5):
+        while publisher._pending is not None:
+            gevent.sleep(0.01)
+    assert subscriber.told() == [records.ReadySet(ready=("a", "b")), records.ReadySet(joined=("c",), left=("b",))]
+    publisher.changed()
+    assert publisher._pending is not None  # the next push waits for the interval: stop() ends it
+    publisher.stop()
+    assert publisher._pending is None

@@ -1,6 +1,5 @@
 """The control channel and the binding endpoint, end to end on a real glb (raw control channels)."""
 
-import contextlib
 import json
 import time
 
@@ -10,7 +9,7 @@ import pytest
 import requests
 
 from glb import control_records as records
-from glb.control import SGC_BINDING_PATH, SGC_CONTROL_PATH, authorize, install
+from glb.control import SGC_BINDING_PATH, SGC_CONTROL_PATH, authorize
 from glb.errors import CloseCode, HandshakeFailed
 from glb.registry import READY
 from glb.websocket import connect
@@ -18,14 +17,6 @@ from tests.support import base_url, running_glb, ws_connect
 
 
 # -- helpers shared with test_agent.py and test_demo_backend.py ------------------------------------
-
-@contextlib.contextmanager
-def wired_glb(**sections):
-    """A running glb with the control channel and binding endpoint routed (until server.py does it)."""
-    with running_glb(**sections) as balancer:
-        install(balancer)
-        yield balancer
-
 
 class Recorder:
     """Records events in firing order; ``wait`` blocks (bounded) until enough have fired."""
@@ -107,7 +98,7 @@ ALL_CHANNEL_EVENTS = ("connect", "server_connect", "server_ready", "server_disco
 
 @pytest.mark.parametrize("path", ["/glb/control", SGC_CONTROL_PATH])
 def test_registration_fires_events_in_order_and_leaving_removes_the_backend(path):
-    with wired_glb() as glb:
+    with running_glb() as glb:
         seen = Recorder(glb, *ALL_CHANNEL_EVENTS)
         ws = open_channel(glb, path=path)
         connected = seen.wait("server_connect")[0]
@@ -135,7 +126,7 @@ def test_registration_fires_events_in_order_and_leaving_removes_the_backend(path
 
 
 def test_unspecified_binding_host_means_the_channel_address():
-    with wired_glb() as glb:
+    with running_glb() as glb:
         seen = Recorder(glb, "server_ready")
         ws = register(glb, "b1", 9001, seen, host="0.0.0.0")
         assert seen.of("server_ready")[0].backend.bindings[0].host == "127.0.0.1"
@@ -143,7 +134,7 @@ def test_unspecified_binding_host_means_the_channel_address():
 
 
 def test_client_records_keep_the_client_count_current():
-    with wired_glb() as glb:
+    with running_glb() as glb:
         seen = Recorder(glb, "server_ready", "raw_message", "error")
         ws = register(glb, "b1", 9001, seen, clients=["early"])
         backend = glb.registry.get("b1")
@@ -167,7 +158,7 @@ def test_client_records_keep_the_client_count_current():
 
 
 def test_raw_message_handler_may_consume_a_record():
-    with wired_glb() as glb:
+    with running_glb() as glb:
         seen = Recorder(glb, "server_ready")
 
         def swallow_ready(event):
@@ -203,7 +194,7 @@ def test_raw_message_handler_may_consume_a_record():
     (['{"method":"sgc@lb@server@data","guid":"b9","weight":0}'], "weight"),
 ])
 def test_protocol_violations_get_an_error_event_and_close_1008_while_others_carry_on(frames, reason_part):
-    with wired_glb() as glb:
+    with running_glb() as glb:
         seen = Recorder(glb, "server_ready", "error", "server_disconnect")
         good = register(glb, "good", 9001, seen)
         echo = ws_connect(base_url(glb) + "/glb/echo")
@@ -236,7 +227,7 @@ def test_protocol_violations_get_an_error_event_and_close_1008_while_others_carr
     ('005{"gu}xx', "header is not valid JSON"),
 ])
 def test_after_server_data_garbage_is_an_error_and_dropped_but_the_channel_stays(text, error_part):
-    with wired_glb() as glb:
+    with running_glb() as glb:
         seen = Recorder(glb, "server_ready", "error", "message")
         ws = register(glb, "b1", 9001, seen)
         ws.send(text)
@@ -250,7 +241,7 @@ def test_after_server_data_garbage_is_an_error_and_dropped_but_the_channel_stays
 
 
 def test_duplicate_guid_is_refused_with_1008_and_the_first_stays():
-    with wired_glb() as glb:
+    with running_glb() as glb:
         seen = Recorder(glb, "server_ready", "error", "server_disconnect")
         first = register(glb, "same", 9001, seen)
         second = open_channel(glb)
@@ -265,7 +256,7 @@ def test_duplicate_guid_is_refused_with_1008_and_the_first_stays():
 
 
 def test_server_connect_handler_may_reject_by_closing():
-    with wired_glb() as glb:
+    with running_glb() as glb:
         seen = Recorder(glb, "server_connect", "server_disconnect", "disconnect")
         glb.bus.add_handler("server_connect", lambda e: e.connection.close(4003, "not today"),
                             origin="test")
@@ -281,7 +272,7 @@ def test_server_connect_handler_may_reject_by_closing():
 # -- authentication ----------------------------------------------------------------------------------
 
 def test_token_and_allow_list():
-    with wired_glb(backends={"allow": "10.0.0.0/8", "token": "s3cret"}) as glb:
+    with running_glb(backends={"allow": "10.0.0.0/8", "token": "s3cret"}) as glb:
         seen = Recorder(glb, "connect", "server_connect", "server_ready")
         with pytest.raises(HandshakeFailed) as missing:
             open_channel(glb)
@@ -304,11 +295,11 @@ def test_token_and_allow_list():
 
 
 def test_without_a_token_only_the_allow_list_counts():
-    with wired_glb(backends={"allow": "10.0.0.0/8"}) as glb:
+    with running_glb(backends={"allow": "10.0.0.0/8"}) as glb:
         with pytest.raises(HandshakeFailed) as refused:
             open_channel(glb, token="anything")
         assert refused.value.status == 403
-    with wired_glb() as glb:  # default allow: loopback, no token needed
+    with running_glb() as glb:  # default allow: loopback, no token needed
         open_channel(glb).close()
 
 
@@ -336,7 +327,7 @@ def test_authorize(peer, header, allowed):
 # -- envelopes ---------------------------------------------------------------------------------------
 
 def test_envelopes_are_relayed_unchanged_to_every_ready_backend_including_the_sender():
-    with wired_glb() as glb:
+    with running_glb() as glb:
         seen = Recorder(glb, "server_ready", "message", "binary")
         a = register(glb, "a", 9001, seen)
         b = register(glb, "b", 9002, seen)
@@ -364,7 +355,7 @@ def test_envelopes_are_relayed_unchanged_to_every_ready_backend_including_the_se
 
 
 def test_a_message_handler_may_keep_an_envelope_from_being_relayed():
-    with wired_glb() as glb:
+    with running_glb() as glb:
         seen = Recorder(glb, "server_ready")
 
         def keep_secret(event):
@@ -382,7 +373,7 @@ def test_a_message_handler_may_keep_an_envelope_from_being_relayed():
 
 @pytest.mark.parametrize("path", [SGC_BINDING_PATH, "/glb/binding"])
 def test_binding_endpoint_503_without_backends_then_a_binding(path):
-    with wired_glb() as glb:
+    with running_glb() as glb:
         answer = get_binding(glb, path)
         assert answer.status_code == 503
         assert answer.headers["Content-Type"] == "application/json"
@@ -401,7 +392,7 @@ def test_binding_endpoint_503_without_backends_then_a_binding(path):
 
 
 def test_before_send_server_binding_may_rewrite_the_binding():
-    with wired_glb() as glb:
+    with running_glb() as glb:
         seen = Recorder(glb, "server_ready", "before_send_server_binding")
 
         def public_name(event):
@@ -421,7 +412,7 @@ def test_before_send_server_binding_may_rewrite_the_binding():
 
 
 def test_a_handler_breaking_the_binding_gets_500_and_an_error_event():
-    with wired_glb() as glb:
+    with running_glb() as glb:
         seen = Recorder(glb, "server_ready", "error")
         glb.bus.add_handler("before_send_server_binding", lambda e: setattr(e.binding, "port", 0),
                             origin="test")
@@ -432,7 +423,7 @@ def test_a_handler_breaking_the_binding_gets_500_and_an_error_event():
 
 
 def test_a_backend_that_left_is_never_offered_again():
-    with wired_glb(glb={"balancing": "round_robin"}) as glb:
+    with running_glb(glb={"balancing": "round_robin"}) as glb:
         seen = Recorder(glb, "server_ready", "server_disconnect")
         a = register(glb, "a", 9001, seen)
         b = register(glb, "b", 9002, seen)
@@ -446,7 +437,7 @@ def test_a_backend_that_left_is_never_offered_again():
 
 
 def test_binding_endpoint_skips_backends_without_a_binding_and_full_ones():
-    with wired_glb() as glb:
+    with running_glb() as glb:
         seen = Recorder(glb, "server_ready")
         ws = open_channel(glb)
         ws.send(records.encode_server_data("nobind"))
@@ -460,7 +451,7 @@ def test_binding_endpoint_skips_backends_without_a_binding_and_full_ones():
 
 
 def test_channels_still_open_when_glb_stops_get_server_disconnect():
-    with wired_glb() as glb:
+    with running_glb() as glb:
         seen = Recorder(glb, "server_ready", "server_disconnect", "disconnect")
         ws = register(glb, "b1", 9001, seen)
         backend_side = gevent.spawn(closed_with, ws)  # the backend answers glb's close
@@ -487,7 +478,7 @@ def test_a_control_channel_flood_does_not_stall_other_sessions():
     import subprocess
     import sys
 
-    with wired_glb() as glb:
+    with running_glb() as glb:
         canary = ws_connect(base_url(glb) + "/glb/echo")
         host, port = glb.addresses[0]
         flood = subprocess.Popen([sys.executable, "-m", "tests.control_flood", host, str(port),
@@ -518,7 +509,7 @@ def test_a_control_channel_flood_does_not_stall_other_sessions():
 
 
 def test_client_records_beyond_max_clients_reported_are_dropped_with_one_error():
-    with wired_glb(backends={"max_clients_reported": "3"}) as glb:
+    with running_glb(backends={"max_clients_reported": "3"}) as glb:
         seen = Recorder(glb, "server_ready", "error")
         ws = register(glb, "b1", 9001, seen, clients=[f"c{i}" for i in range(6)])
         backend = glb.registry.get("b1")
@@ -537,7 +528,7 @@ def test_client_records_beyond_max_clients_reported_are_dropped_with_one_error()
 
 
 def test_bindings_beyond_max_bindings_close_the_channel_with_1008():
-    with wired_glb(backends={"max_bindings": "2"}) as glb:
+    with running_glb(backends={"max_bindings": "2"}) as glb:
         seen = Recorder(glb, "error")
         ws = open_channel(glb)
         ws.send(records.encode_server_data("b1"))
@@ -549,7 +540,7 @@ def test_bindings_beyond_max_bindings_close_the_channel_with_1008():
 
 
 def test_a_channel_glb_closes_leaves_the_pool_at_once_so_its_guid_can_register_again():
-    with wired_glb(glb={"max_message_size": "1024"}) as glb:
+    with running_glb(glb={"max_message_size": "1024"}) as glb:
         seen = Recorder(glb, "server_ready")
         old = register(glb, "b1", 9001, seen)
         old.send("x" * 2048)  # over max_message_size: glb closes with 1009

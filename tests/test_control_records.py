@@ -269,3 +269,20 @@ def test_drain_records_round_trip_and_check_their_spread():
     for bad in ('"10"', "-1", "true", "1e9"):
         with pytest.raises(RecordError, match="spread"):
             parse_record(f'{{"method":"{DRAIN}","spread":{bad}}}')
+
+
+def test_broadcast_records_round_trip_and_check_their_ids():
+    from glb.control_records import READY_SET, ROUTE, BroadcastRoute, ReadySet, parse_ready_set
+    route = BroadcastRoute(("a", "b"))
+    assert parse_record(encode_record(route)) == route
+    assert parse_ready_set(encode_record(ReadySet(ready=("a",)))) == ReadySet(ready=("a",))
+    change = ReadySet(joined=("c",), left=("a",))
+    assert parse_ready_set(encode_record(change)) == change
+    assert parse_ready_set(encode_text_envelope('{"method":"glb@lb@ready"}')) is None  # an envelope
+    assert parse_record(encode_server_data("b1", subscribe=[READY_SET])).subscribe == (READY_SET,)
+    assert json.loads(encode_server_data("b1")) == {"method": SERVER_DATA, "guid": "b1"}  # sgc-shaped
+    for bad in ('"a,b"', '[""]', "[1]"):
+        with pytest.raises(RecordError, match="backends"):
+            parse_record(f'{{"method":"{ROUTE}","backends":{bad}}}')
+        with pytest.raises(RecordError, match="joined"):
+            parse_ready_set(f'{{"method":"{READY_SET}","joined":{bad}}}')

@@ -13,9 +13,9 @@ import requests
 from glb import control_records as records
 from glb.demo_backend import DemoBackend, DemoFleet, lb_url_for
 from glb.errors import CloseCode
-from tests.support import base_url, recv_close, ws_connect
+from tests.support import base_url, recv_close, running_glb, ws_connect
 from tests.test_agent import free_port
-from tests.test_control import Recorder, get_binding, wired_glb
+from tests.test_control import Recorder, get_binding
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -85,7 +85,7 @@ def test_stop_closes_clients_with_1001():
 
 
 def test_registers_and_reports_its_clients():
-    with wired_glb() as glb:
+    with running_glb() as glb:
         seen = Recorder(glb, "server_ready", "raw_message", "server_disconnect")
         backend = DemoBackend(lb_urls=[base_url(glb)], guid="d1")
         port = backend.start()
@@ -106,7 +106,7 @@ def test_registers_and_reports_its_clients():
 
 
 def test_fleet_registers_every_backend_and_each_answers_whoami():
-    with wired_glb(glb={"balancing": "round_robin"}) as glb:
+    with running_glb(glb={"balancing": "round_robin"}) as glb:
         seen = Recorder(glb, "server_connect", "server_ready", "server_disconnect")
         fleet = DemoFleet(2, glb.addresses[0])
         ports = fleet.start()
@@ -140,7 +140,7 @@ def test_lb_url_for(address, url):
 
 @pytest.mark.timeout(30)
 def test_command_line_backend_registers_and_leaves_on_sigterm():
-    with wired_glb() as glb:
+    with running_glb() as glb:
         seen = Recorder(glb, "server_ready", "server_disconnect")
         port = free_port()
         env = dict(os.environ, PYTHONPATH=str(ROOT))
@@ -167,7 +167,7 @@ def test_command_line_backend_registers_and_leaves_on_sigterm():
 
 def test_text_envelope_reaches_a_demo_backend_agent():
     # The seam later broadcast work builds on: envelopes from glb arrive at the agent.
-    with wired_glb() as glb:
+    with running_glb() as glb:
         seen = Recorder(glb, "server_ready")
         backend = DemoBackend(lb_urls=[base_url(glb)])
         backend.start()

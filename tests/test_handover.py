@@ -76,6 +76,18 @@ def write_config(path, backend, extra_glb=""):
                     f"[backend:static]\nurl = ws://127.0.0.1:{backend.port}\n")
 
 
+def read_response(sock):
+    """One HTTP response with a Content-Length, head and body."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(re.search(rb"(?im)^content-length:\s*(\d+)", head).group(1))
+    while len(body) < length:
+        body += sock.recv(65536)
+    return head + b"\r\n\r\n" + body
+
+
 @pytest.fixture
 def glb_env(tmp_path):
     (tmp_path / "pid_handler.py").write_text(PID_HANDLER)
@@ -106,10 +118,15 @@ def test_sigusr2_hands_over_listeners_and_agents_then_drains_with_1001(tmp_path,
                 sessions.append(ws)
             traffic = Traffic(sessions)
             connector = Connector(old.url)
+            keep_alive = socket.create_connection(("127.0.0.1", old.port), timeout=10)
+            keep_alive.sendall(b"GET /glb/status HTTP/1.1\r\nHost: glb\r\n\r\n")
+            assert read_response(keep_alive).startswith(b"HTTP/1.1 200")
             traffic.wait_rounds(1)
             old.signal(signal.SIGUSR2)
             new_pid = int(old.wait_for(r"upgrade: pid (\d+) took over the listeners; 1 control channel").group(1))
             assert new_pid != old.proc.pid
+            assert keep_alive.recv(1) == b""  # an idle keep-alive connection: closed, the next one goes to new
+            keep_alive.close()
             connector.wait_for_pid(new_pid)
             # the agent registers with the new glb (its first reconnect after a clean close is immediate)
             old.wait_for(r"backend agent-backend ready")
@@ -119,7 +136,7 @@ def test_sigusr2_hands_over_listeners_and_agents_then_drains_with_1001(tmp_path,
             assert traffic.errors == [] and traffic.received == traffic.sent
             # after drain_timeout, each of the 50 gets 1001 going away
             for ws in sessions:
-                ws.settimeout(15)  # drain_timeout and drain_spread, with room for a busy machine
+                ws.settimeout(30)  # the drain takes drain_timeout + drain_spread
                 assert recv_close(ws) == (1001, "going away")
                 ws.close()
             assert old.proc.wait(timeout=20) == 0

@@ -1,4 +1,4 @@
-"""Plain HTTP through glb (issue 5): real backends on 127.0.0.1:0, real glb, real clients.
+"""Plain HTTP through glb: real backends on 127.0.0.1:0, real glb, real clients.
 
 The first block tests the decision helpers without sockets; the rest run a real
 Balancer (``running_glb``) in front of small gevent WSGI backends started here.

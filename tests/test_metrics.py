@@ -218,3 +218,20 @@ def test_every_declared_metric_is_exposed():
             assert metric.name + "_count" in names, metric.name
         elif not metric.labels or metric.type in ("info",):
             assert metric.name in names, metric.name
+
+
+def test_a_departed_backends_figures_are_forgotten_after_a_while():
+    from glb.stats import FORGET_AFTER, Figures, Stats
+
+    stats = Stats()
+    stats.session_ended("old", Figures(1, 10, 1, 10), 1000, "client", 1.0)
+    stats.http_request("old", 200, 0.01, 5)
+    stats.session_ended("kept", Figures(2, 20, 2, 20), 1000, "client", 1.0)
+    stats.forget_departed({"kept"}, now=100.0)  # "old" left: still shown for a while
+    assert set(stats.backends) == {"old", "kept"}
+    stats.forget_departed({"kept"}, now=100.0 + FORGET_AFTER / 2)
+    assert "old" in stats.backends
+    stats.forget_departed({"kept"}, now=101.0 + FORGET_AFTER)
+    assert set(stats.backends) == {"kept"} and ("old", 200) not in stats.http_requests
+    stats.session_ended("old", Figures(1, 1, 1, 1), 1000, "client", 1.0)
+    assert stats.backends["old"].messages_to_backend == 1

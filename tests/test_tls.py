@@ -1,4 +1,4 @@
-"""TLS (issue 6): TLS listeners beside plain ones, contexts from handlers, client certificates,
+"""TLS: TLS listeners beside plain ones, contexts from handlers, client certificates,
 wss:// and https:// backends, start-up failures.
 
 Every certificate is made here, at test time, by trustme: nothing is committed. Each test
@@ -219,6 +219,27 @@ def test_a_wss_client_to_a_wss_backend_verified_with_the_backends_cafile(pki, ba
         ws.close(status=4000)
         # both TLS connections really close: the session ends at once, not at a timeout
         assert (ended.wait(timeout=1).code, ended.events[0].closed_by) == (4000, "client")
+
+
+@pytest.mark.parametrize("decoded", [False, True])
+def test_a_burst_over_two_tls_legs_arrives_whole_and_in_order(pki, backend_pki, decoded):
+    # Many TLS records arrive together on both legs; the engine reads each leg in jobs
+    # (never in the hub) and must relay them all, in order, raw or decoded.
+    def serve(ws, environ):
+        while (message := ws.receive()) is not None:
+            ws.send(message)
+
+    backend = TLSBackend(backend_pki.server_context(), serve)
+    handlers = {"raw_message": lambda event: None} if decoded else {}
+    with started(backend), tls_glb(pki, handlers=handlers, backends={"cafile": backend_pki.ca_file},
+                                   **{"backend:b0": backend.static_section()}) as glb:
+        ws, _, _ = connect(tls_url(glb), ssl_context=pki.client_context(), timeout=5)
+        sent = [f"message {index} " + "x" * (index * 37 % 3000) for index in range(200)]
+        for text in sent:  # written back to back, read only afterwards
+            ws.send(text)
+        with gevent.Timeout(10):
+            assert [ws.receive() for _ in sent] == sent
+        ws.close()
 
 
 def test_https_forwarding_through_the_tls_listener_to_an_https_backend(pki, backend_pki):
