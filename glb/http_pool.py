@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 
 import gevent.ssl
 
+from glb.deadlines import DEADLINES
 from glb.http_parse import HeadReader, parse_response_head
 from glb.registry import GONE
 
@@ -42,10 +43,11 @@ class BackendClosed(ConnectionResetError):
 class BackendConnection:
     """One connection to a backend: the socket, bytes read but not used yet, and where it came from."""
 
-    __slots__ = ("sock", "buffer", "address", "backend", "reused", "idle_since", "got_bytes")
+    __slots__ = ("sock", "buffer", "address", "backend", "reused", "idle_since", "got_bytes", "read_timeout")
 
-    def __init__(self, sock, address, backend):
+    def __init__(self, sock, address, backend, read_timeout=60.0):
         self.sock = sock
+        self.read_timeout = read_timeout  # for each wait on the backend (TimeoutError beyond it)
         self.buffer = bytearray()
         self.address = address
         self.backend = backend
@@ -53,9 +55,23 @@ class BackendConnection:
         self.idle_since = 0.0
         self.got_bytes = False  # any byte of the current response arrived
 
+    def recv(self, size):
+        DEADLINES.arm(self.read_timeout)
+        try:
+            return self.sock.recv(size)
+        finally:
+            DEADLINES.disarm()
+
+    def send(self, data):
+        DEADLINES.arm(self.read_timeout)
+        try:
+            send_all(self.sock, data)
+        finally:
+            DEADLINES.disarm()
+
     def fill(self):
         """Read what the backend sent next into ``buffer``; BackendClosed at EOF."""
-        data = self.sock.recv(RECV_SIZE)
+        data = self.recv(RECV_SIZE)
         if not data:
             raise BackendClosed(errno.ECONNRESET, "the backend closed the connection")
         self.got_bytes = True
@@ -133,12 +149,12 @@ class Pools:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if scheme == "https":
                 sock = self.ssl_context().wrap_socket(sock, server_hostname=host)
-            sock.settimeout(self.read_timeout)
+            sock.settimeout(None)  # each wait is bounded by glb.deadlines (read_timeout)
         except BaseException:
             sock.close()
             raise
         self.opened += 1
-        return BackendConnection(sock, address, backend)
+        return BackendConnection(sock, address, backend, self.read_timeout)
 
     def put(self, conn):
         """Keep ``conn`` for the next request to its address (or close it if the pool is full or the backend left)."""

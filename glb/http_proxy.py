@@ -53,7 +53,7 @@ from glb.http_parse import (  # noqa: F401 (HOP_BY_HOP: part of this module's in
     HOP_BY_HOP, NO_BODY_STATUSES, HeadError, LengthBody, UntilCloseBody, body_for, decode_pairs, encode_chunk,
     encode_head, encode_last_chunk, encode_pairs, encode_raw_head,
 )
-from glb.http_pool import RECV_SIZE, BackendClosed, Pools, backend_ssl_context_factory, send_all
+from glb.http_pool import RECV_SIZE, BackendClosed, Pools, backend_ssl_context_factory
 from glb.http_server import ClientGone
 
 log = logging.getLogger("glb.http")
@@ -412,7 +412,7 @@ class BackendBody:
             if not wait:
                 return b""
             if self.direct:  # a Content-Length body: straight from the socket, no copy
-                data = conn.sock.recv(min(RECV_SIZE, decoder.remaining))
+                data = conn.recv(min(RECV_SIZE, decoder.remaining))
                 if not data:
                     raise BackendClosed(errno.ECONNRESET, "the backend closed the connection mid-body")
                 decoder.remaining -= len(data)
@@ -530,32 +530,128 @@ class HttpProxy:
             reason = ("not found: plain HTTP is turned off\n" if not self.enabled
                       else "not found: no glb endpoint at this path\n")
             return self.answer_plain(client, head, Status.NOT_FOUND, reason.encode())
+        framing, bus = head.framing, self.balancer.bus
+        if (not framing.chunked and not framing.length and head.method not in _BODY_METHODS
+                and not bus.http_request.receivers and not bus.http_response.receivers
+                and self.balancer.settings.glb.balancing != "hash"):
+            try:
+                keep = self.exchange_plain(client, head)
+            except (OSError, ClientGone):  # the client left while glb answered it
+                return False
+            except Exception as exc:  # a glb bug: 500 (nothing was sent yet), never a traceback to pywsgi
+                self.failed_with_bug(head, exc)
+                client.refuse(Status.INTERNAL_ERROR, "internal error", report=False)
+                return False
+            if keep is not None:
+                return keep
+        ex = self.new_exchange(client, head)
+        return False if ex is None else self.run(ex, self.handle)
+
+    def new_exchange(self, client, head, started=None):
+        """The _Exchange of ``head`` (None if its first chunk-size line was bad: refused already)."""
         body = client.body(head)
+        scheme = "https" if client.secure else "http"
         request = HttpRequest(head.method, head.path, head.query,
-                              forward_request_headers(head.raw_headers, client.peer[0],
-                                                      "https" if client.secure else "http", head.connection),
-                              client.peer[0], "https" if client.secure else "http", body,
-                              head.framing.length, self.buffer_limit, client.peer[1])
+                              forward_request_headers(head.raw_headers, client.peer[0], scheme, head.connection),
+                              client.peer[0], scheme, body, head.framing.length, self.buffer_limit,
+                              client.peer[1])
+        if started is not None:
+            request.started = started
         ex = _Exchange(client, head, request, body)
         if head.framing.chunked:
             try:  # a bad first chunk-size line is refused before any backend sees the head
                 request.prime()
             except (ClientGone, HeadError) as exc:
                 client.refuse(getattr(exc, "status", Status.BAD_REQUEST), str(exc))
-                return False
+                return None
+        return ex
+
+    def run(self, ex, step, *args):
+        """``step(ex, *args)``, whether the client connection may be kept; a failure never escapes."""
         try:
-            return self.handle(ex)
+            return step(ex, *args)
         except (OSError, ClientGone):  # the client left while glb answered it
             return False
         except Exception as exc:  # a glb bug: answer 500 if nothing was sent yet, never a traceback to pywsgi
-            log.exception("! http %s %s failed", request.method, request.path)
-            bus = self.balancer.bus
-            bus.fire(bus.exception, connection=None, exception=exc)
+            self.failed_with_bug(ex.head, exc)
             if not ex.answered:
-                client.refuse(Status.INTERNAL_ERROR, "internal error", report=False)
+                ex.client.refuse(Status.INTERNAL_ERROR, "internal error", report=False)
             return False
         finally:
             ex.stop_upload()
+
+    def failed_with_bug(self, head, exc):
+        log.exception("! http %s %s failed", head.method, head.path)
+        bus = self.balancer.bus
+        bus.fire(bus.exception, connection=None, exception=exc)
+
+    def exchange_plain(self, client, head):
+        """The common request, flat: no body, no HTTP handler, no hashing; None to take the general path.
+
+        It does what ``handle`` would, in one function and without the objects
+        handlers need. Whatever it does not cover — a failure, an interim 1xx, a
+        body the backend has not sent whole yet, chunked or close-delimited — goes
+        on in the general path from where it stands (``forward``, ``answer``), so
+        the outcome is the same either way.
+        """
+        started = time.monotonic()
+        backend = self.pick(None)
+        if backend is None:
+            return None  # the general path answers 503 and reports it
+        base = backend.http_base()
+        try:
+            conn = self.pools.get(base, backend)
+        except (OSError, ValueError) as exc:
+            ex = self.new_exchange(client, head, started)
+            return self.run(ex, self.forward_and_answer, backend, (exc, True))
+        pairs = self.host_header(forward_request_headers(head.raw_headers, client.peer[0],
+                                                         "https" if client.secure else "http", head.connection),
+                                 base)
+        target = f"{head.path}?{head.query}" if head.query else head.path
+        try:
+            conn.send(encode_raw_head(f"{head.method} {target} HTTP/1.1".encode("latin-1"), pairs))
+            response = conn.read_head(head.method, self.max_head_size)
+        except (OSError, HeadError) as exc:
+            conn.close()
+            ex = self.new_exchange(client, head, started)
+            stale = isinstance(exc, (ConnectionResetError, BrokenPipeError)) and conn.reused and not conn.got_bytes
+            return self.run(ex, self.forward_and_answer, backend, None if stale else (exc, False))
+        framing = response.framing
+        length = framing.length
+        if response.status < 200 or framing.chunked or length is None or len(conn.buffer) < length:
+            ex = self.new_exchange(client, head, started)
+            return self.run(ex, self.answer_backend, conn, response, backend)
+        body = b""
+        if length:
+            body = bytes(conn.buffer[:length])
+            del conn.buffer[:length]
+        if response.keep_alive:
+            self.pools.put(conn)
+        else:
+            self.pools.discard(conn)
+        self.balancer.stats.http_request(_name(backend), response.status, time.monotonic() - started, length)
+        keep = head.keep_alive and not self.balancer.stopping
+        extra = b"" if keep and head.version == "1.1" else (
+            b"Connection: keep-alive\r\n" if keep else b"Connection: close\r\n")
+        line = f"HTTP/1.1 {status_line(response.status, response.reason)}".encode("latin-1")
+        client.send(encode_raw_head(line, response.raw_headers, extra) + body)
+        return keep
+
+    def forward_and_answer(self, ex, backend, failed):
+        response, failure, backend = self.forward(ex, backend, None, failed)
+        return self.answer(ex, response, failure and failure.text, backend)
+
+    def answer_backend(self, ex, conn, head, backend):
+        """Answer with a backend response whose head ``exchange_plain`` read (interim ones first)."""
+        if head.status < 200:
+            try:
+                head = self.read_final_head(ex, conn, head)
+            except (OSError, HeadError) as exc:
+                conn.close()
+                return self.forward_and_answer(ex, backend, (exc, False))
+        response = HttpResponse(head.status, raw=head.raw_headers, reason=head.reason,
+                                source=BackendBody(self, conn, head, ex.uploading), buffer_limit=self.buffer_limit)
+        return self.answer(ex, response, None, backend)
 
     def handle(self, ex):
         bus, request = self.balancer.bus, ex.request
@@ -597,29 +693,36 @@ class HttpProxy:
 
     # -- forwarding ----------------------------------------------------------------------------
 
-    def forward(self, ex, backend, pick):
-        """Send to ``backend``, trying others on a retryable failure: (response, failure, backend)."""
+    def forward(self, ex, backend, pick, failed=None):
+        """Send to ``backend``, trying others on a retryable failure: (response, failure, backend).
+
+        ``failed``: ``(exception, connecting)`` of an attempt already made on ``backend``.
+        """
         request, tried = ex.request, []
         while True:
-            connecting = [True]
-            try:
-                return self.send(ex, backend, connecting), None, backend
-            except (OSError, ValueError, HeadError, ClientGone) as exc:
-                failure = Failure.from_exception(exc, connecting[0])
-                if request.client_failure:
-                    failure = Failure(Failure.CLIENT, request.client_failure)
-                failure.text = f"http backend {_name(backend)}: {failure.text}"
-                self.report(request, failure.text)
-                if failure.kind in (Failure.CONNECT, Failure.CONNECT_TIMEOUT) and hasattr(backend, "health"):
-                    self.balancer.health.connect_failed(backend)  # passive check (max_fails)
-                tried.append(backend)
-                if (failure.retryable and request.method in IDEMPOTENT and request.replayable
-                        and len(tried) <= self.retries):
-                    other = self.pick(pick, exclude=tried)
-                    if other is not None:
-                        backend = other
-                        continue
-                return HttpResponse.error(failure.kind), failure, backend
+            if failed is None:
+                connecting = [True]
+                try:
+                    return self.send(ex, backend, connecting), None, backend
+                except (OSError, ValueError, HeadError, ClientGone) as exc:
+                    failed = exc, connecting[0]
+            exc, connecting = failed
+            failed = None
+            failure = Failure.from_exception(exc, connecting)
+            if request.client_failure:
+                failure = Failure(Failure.CLIENT, request.client_failure)
+            failure.text = f"http backend {_name(backend)}: {failure.text}"
+            self.report(request, failure.text)
+            if failure.kind in (Failure.CONNECT, Failure.CONNECT_TIMEOUT) and hasattr(backend, "health"):
+                self.balancer.health.connect_failed(backend)  # passive check (max_fails)
+            tried.append(backend)
+            if (failure.retryable and request.method in IDEMPOTENT and request.replayable
+                    and len(tried) <= self.retries):
+                other = self.pick(pick, exclude=tried)
+                if other is not None:
+                    backend = other
+                    continue
+            return HttpResponse.error(failure.kind), failure, backend
 
     def send(self, ex, backend, connecting):
         """One backend's response head to the request (the body follows as it is read)."""
@@ -645,10 +748,7 @@ class HttpProxy:
 
     def write_request(self, ex, conn, base):
         request, body = ex.request, ex.body
-        pairs = request.wire_headers()
-        if self.backend_host or not any(name.lower() == b"host" for name, _ in pairs):
-            netloc = self.pools.address(base)[3].encode("latin-1")
-            pairs = [(n, v) for n, v in pairs if n.lower() != b"host"] + [(b"Host", netloc)]
+        pairs = self.host_header(request.wire_headers(), base)
         payload = b""
         stream = False
         if request._body is not None:
@@ -670,21 +770,28 @@ class HttpProxy:
             pairs.append((b"Content-Length", b"0"))
         target = f"{request.path}?{request.query}" if request.query else request.path
         line = f"{request.method} {target} HTTP/1.1".encode("latin-1")
-        send_all(conn.sock, encode_raw_head(line, pairs) + payload)
+        conn.send(encode_raw_head(line, pairs) + payload)
         if stream:
             ex.upload_done = False
             ex.uploader = gevent.spawn(self.upload, ex, conn, request._length is None)
         elif body is not None:
             ex.upload_done = True
 
+    def host_header(self, pairs, base):
+        """``pairs`` with the backend's own Host when so configured or when the client sent none."""
+        if self.backend_host or not any(name.lower() == b"host" for name, _ in pairs):
+            netloc = self.pools.address(base)[3].encode("latin-1")
+            pairs = [(n, v) for n, v in pairs if n.lower() != b"host"] + [(b"Host", netloc)]
+        return pairs
+
     def upload(self, ex, conn, chunked):
         """The exchange's uploader greenlet: the client's body to the backend as it arrives."""
         request, sock = ex.request, conn.sock
         try:
             for piece in request.pieces():
-                send_all(sock, encode_chunk(piece) if chunked else piece)
+                conn.send(encode_chunk(piece) if chunked else piece)
             if chunked:
-                send_all(sock, encode_last_chunk(ex.body.trailers))
+                conn.send(encode_last_chunk(ex.body.trailers))
             ex.upload_done = True
         except (ClientGone, HeadError) as exc:
             request.client_failure = f"request body: {exc}" if "request body" not in str(exc) else str(exc)
@@ -695,10 +802,11 @@ class HttpProxy:
         except OSError:  # the backend stopped reading; its answer (or failure) is read by the exchange
             pass
 
-    def read_final_head(self, ex, conn):
+    def read_final_head(self, ex, conn, head=None):
         """The first non-1xx response head; interim ones reach an HTTP/1.1 client (glb's own 100 aside)."""
         while True:
-            head = conn.read_head(ex.request.method, self.max_head_size)
+            if head is None:
+                head = conn.read_head(ex.request.method, self.max_head_size)
             if head.status >= 200:
                 return head
             if head.status == 101:
@@ -706,6 +814,7 @@ class HttpProxy:
             if ex.head.version == "1.1" and head.status != 100:
                 line = f"HTTP/1.1 {status_line(head.status, head.reason)}".encode("latin-1")
                 ex.client.send(encode_raw_head(line, head.raw_headers))
+            head = None
 
     def resolve(self, backend):
         """The backend a handler left in ``event.backend``: a Backend, a guid or an http(s) URL."""

@@ -21,6 +21,7 @@ import sys
 import time
 from urllib.parse import unquote
 
+from glb.deadlines import DEADLINES
 from glb.errors import Status
 from glb.http_pool import send_all
 from glb.http_parse import HeadError, HeadReader, LengthBody, body_for, encode_head, parse_request_head
@@ -52,7 +53,6 @@ class ClientConnection:
         self.body_timeout = http.read_timeout
         self.max_head_size = http.max_head_size
         self.chunk_size = http.chunk_size
-        self._timeout = None  # the socket's current timeout (set only when it changes)
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -94,13 +94,14 @@ class ClientConnection:
         while self.buffer[:2] == b"\r\n":  # RFC 9112 §2.2: ignore an empty line before a request
             del self.buffer[:2]
         if not self.buffer and not first:
-            self.timeout(self.keepalive_timeout)
             self.idle = True
+            DEADLINES.arm(self.keepalive_timeout)
             try:
                 data = sock.recv(self.chunk_size)
             except OSError:  # idle keep-alive connection timed out or was reset
                 return None
             finally:
+                DEADLINES.disarm()
                 self.idle = False
             if not data:
                 return None
@@ -113,16 +114,17 @@ class ClientConnection:
                     head = parse_request_head(reader)
                     del self.buffer[:end]
                     return head
-            left = deadline - time.monotonic()
-            if left <= 0:
+            if deadline <= time.monotonic():
                 return self.head_timed_out()
-            self.timeout(left)
+            DEADLINES.arm_at(deadline)
             try:
                 data = sock.recv(self.chunk_size)
             except TimeoutError:
                 return self.head_timed_out()
             except OSError:
                 return None
+            finally:
+                DEADLINES.disarm()
             if not data:
                 return None
             self.buffer += data
@@ -144,14 +146,12 @@ class ClientConnection:
 
     # -- writing -------------------------------------------------------------------------------
 
-    def timeout(self, seconds):
-        if seconds != self._timeout:
-            self.sock.settimeout(seconds)
-            self._timeout = seconds
-
     def send(self, data):
-        self.timeout(self.body_timeout)
-        send_all(self.sock, data)
+        DEADLINES.arm(self.body_timeout)
+        try:
+            send_all(self.sock, data)
+        finally:
+            DEADLINES.disarm()
 
     def refuse(self, status, reason, report=True):
         """Answer a request glb will not serve with ``status`` and close (the caller returns)."""
@@ -174,13 +174,15 @@ class ClientConnection:
 
     def recv_body(self, limit=None):
         """The next bytes of a request body, at most ``limit`` (into ``buffer`` when None)."""
-        self.timeout(self.body_timeout)
+        DEADLINES.arm(self.body_timeout)
         try:
             data = self.sock.recv(self.chunk_size if limit is None else min(limit, self.chunk_size))
         except TimeoutError:
             raise ClientGone(f"request body: nothing for {self.body_timeout:g} s") from None
         except OSError as exc:
             raise ClientGone(f"request body: {exc}") from None
+        finally:
+            DEADLINES.disarm()
         if not data:
             raise ClientGone("request body: the client closed before its end")
         if limit is not None:
@@ -390,6 +392,7 @@ class UpgradeHandler:
 
     def handle(self):
         sock = self.socket
+        sock.settimeout(None)  # waits are bounded by glb.deadlines instead
         if sock.family != stdlib_socket.AF_UNIX:
             sock.setsockopt(stdlib_socket.IPPROTO_TCP, stdlib_socket.TCP_NODELAY, 1)
         conn = ClientConnection(self.server.balancer, sock, self.client_address,
