@@ -54,7 +54,7 @@ class RelayEngine:
     """Moves bytes for one ``ClientSession`` until both directions are done."""
 
     __slots__ = ("session", "conn", "bus", "closing", "client", "backend", "close_timeout",
-                 "max_message_size", "report_error", "_directions", "_busy", "_waiting", "_watchers",
+                 "max_message_size", "report_error", "_directions", "_busy", "_waiting",
                  "_timer", "_on_done", "_initial")
 
     def __init__(self, session, report_error, max_message_size, close_timeout):
@@ -70,7 +70,6 @@ class RelayEngine:
         self._directions = set()  # the source legs still being read
         self._busy = False  # a job is running (on a worker, or the first one in the session greenlet)
         self._waiting = []  # jobs that came while it ran
-        self._watchers = {}  # leg -> its io watcher
         self._timer = None  # linger / give-up timer once one direction is done
         self._on_done = None  # called once, when the last direction is done
         self._initial: dict = {}  # raw direction -> bytes read with the handshake, for the first job
@@ -94,7 +93,7 @@ class RelayEngine:
             dst = src.other
             src.fast = src.inbound is None and src.plain_sock is not None and dst.plain_sock is not None
             self._directions.add(src)
-            self._watchers[src] = loop.io(src.sock.fileno(), 1)
+            src.watcher = loop.io(src.sock.fileno(), 1)
         self._busy = True
         self._step(START)
 
@@ -163,8 +162,9 @@ class RelayEngine:
         They are stopped meanwhile: a socket closed by the WebSocket layer during the
         job is then closed at once (gevent defers closing an fd that a watcher is on).
         """
-        for watcher in self._watchers.values():
-            watcher.stop()
+        for leg in (self.client, self.backend):
+            if leg.watcher is not None:
+                leg.watcher.stop()
         try:
             self._handle(job)
             while self._directions:
@@ -186,9 +186,9 @@ class RelayEngine:
             self._busy = False
             self._waiting.clear()
             if self._directions:
-                for leg, watcher in self._watchers.items():
-                    if leg in self._directions and not watcher.active:
-                        watcher.start(self._on_readable, leg)
+                for leg in self._directions:
+                    if leg.watcher is not None and not leg.watcher.active:
+                        leg.watcher.start(self._on_readable, leg)
             else:
                 self._stop_watching()
 
@@ -233,9 +233,8 @@ class RelayEngine:
 
     def _direction_done(self, src):
         self._directions.discard(src)
-        watcher = self._watchers.get(src)
-        if watcher is not None:
-            watcher.stop()
+        if src.watcher is not None:
+            src.watcher.stop()
         if self._directions and self._timer is None:
             self._start_timer(self.close_timeout, LINGER)
 
@@ -251,10 +250,11 @@ class RelayEngine:
             self._timer = None
 
     def _stop_watching(self):
-        for watcher in self._watchers.values():
-            watcher.stop()
-            watcher.close()
-        self._watchers.clear()
+        for leg in (self.client, self.backend):
+            if leg.watcher is not None:
+                leg.watcher.stop()
+                leg.watcher.close()
+                leg.watcher = None
         self._stop_timer()
         on_done, self._on_done = self._on_done, None
         if on_done is not None:

@@ -26,7 +26,7 @@ class Leg(LegClose):
     header_size = 2  # header of a small (< 126 bytes) frame from this peer
 
     __slots__ = ("ws", "plain_sock", "fast", "inbound", "other", "out_scanner", "out_in_message", "last_activity", "last_pong",
-                 "ping_sent", "messages", "bytes", "boundary")
+                 "ping_sent", "messages", "bytes", "boundary", "watcher")
 
     def __init__(self, ws):
         super().__init__()
@@ -44,6 +44,7 @@ class Leg(LegClose):
         self.messages = 0
         self.bytes = 0
         self.boundary = None  # Event for glb's own frames waiting on a boundary (made when one waits)
+        self.watcher = None  # the relay engine's io watcher on this peer's socket, while it relays
 
     def __repr__(self):
         return f"<{type(self).__name__} {self.ws!r}>"

@@ -87,6 +87,7 @@ class ClientSession:
         client_ws.auto_pong = False
         client_ws.send_timeout = settings.send_timeout
         self.client = self.closing.client = ClientLeg(client_ws)
+        self.response_headers = ()  # written with the 101: not kept for the session's life
         self.client.other, self.backend_leg.other = self.backend_leg, self.client
         self.engine = RelayEngine(self, self.balancer.report_error, settings.max_message_size,
                                   self.upstream.close_timeout)

@@ -105,7 +105,7 @@ class WebSocket:
         self._reader = FrameReader(max_message_size, expect_masked=server_side)
         if initial:
             self._reader.feed(initial)
-        self._write_lock = Semaphore()
+        self._write_lock = None  # a Semaphore, made when a send first has to wait (most never do)
         self._plain = not is_tls(sock)  # TLS may hold decrypted bytes or need retries: no fast paths
         self._drained = False  # the last recv emptied the kernel's buffer: wait before the next
         self._turn = TURN_BYTES  # work left before this reader must let others run (see TURN_BYTES)
@@ -157,7 +157,11 @@ class WebSocket:
     @property
     def sending(self):
         """True while a send waits for the peer to take bytes (bounded by ``send_timeout``)."""
-        return self._write_lock.locked()
+        return self._send_waiting()
+
+    def _send_waiting(self):
+        lock = self._write_lock
+        return lock is not None and lock.locked()
 
     @property
     def max_message_size(self):
@@ -320,7 +324,7 @@ class WebSocket:
         buffer is full; a failure is left for the next blocking send to report.
         For the relay engine's fast path, which runs in the hub.
         """
-        if self._close_sent or self._sock_closed or not self._plain or self._write_lock.locked():
+        if self._close_sent or self._sock_closed or not self._plain or self._send_waiting():
             return 0
         try:
             return self._sock._sock.send(data)  # the OS socket under gevent's: no wait, no switch
@@ -333,7 +337,7 @@ class WebSocket:
         A relay forwarding raw chunks may leave the stream mid-frame; glb's
         own frames (keep-alive pings) may only go in between two frames.
         """
-        if self._close_sent or self._sock_closed or self._write_lock.locked():
+        if self._close_sent or self._sock_closed or self._send_waiting():
             return False
         if not at_boundary():
             return False
@@ -348,7 +352,7 @@ class WebSocket:
 
     def _write(self, data, closing=False, timeout=None):
         """Write ``data`` whole; a failure or timeout drops the connection and raises ConnectionClosed."""
-        if not closing and self._plain and not self._write_lock.locked():
+        if not closing and self._plain and not self._send_waiting():
             # Fast path: the kernel nearly always takes a frame whole, so no timer and no lock
             # (gevent never switches inside a send that may not wait).
             if self._close_sent or self._sock_closed:
@@ -367,6 +371,8 @@ class WebSocket:
         if timeout is None:
             timeout = self.send_timeout
         timer = None if timeout is None else gevent.Timeout.start_new(timeout)
+        if self._write_lock is None:
+            self._write_lock = Semaphore()
         try:
             with self._write_lock:
                 if self._close_sent or self._sock_closed:
