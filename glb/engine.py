@@ -67,7 +67,7 @@ class RelayEngine:
         self.report_error = report_error
         self.max_message_size = max_message_size
         self.close_timeout = close_timeout
-        self._directions = set()  # the source legs still being read
+        self._directions = []  # the source legs still being read (a list of two: smaller than a set)
         self._busy = False  # a job is running (on a worker, or the first one in the session greenlet)
         self._waiting = []  # jobs that came while it ran
         self._timer = None  # linger / give-up timer once one direction is done
@@ -92,7 +92,7 @@ class RelayEngine:
         for src in (self.client, self.backend):
             dst = src.other
             src.fast = src.inbound is None and src.plain_sock is not None and dst.plain_sock is not None
-            self._directions.add(src)
+            self._directions.append(src)
             src.watcher = loop.io(src.sock.fileno(), 1)
         self._busy = True
         self._step(START)
@@ -232,7 +232,8 @@ class RelayEngine:
         return self._chunk(src, data, NOT_SCANNED)
 
     def _direction_done(self, src):
-        self._directions.discard(src)
+        if src in self._directions:
+            self._directions.remove(src)
         if src.watcher is not None:
             src.watcher.stop()
         if self._directions and self._timer is None:
