@@ -26,7 +26,7 @@ raises while the context is being built (its traceback is logged and
 Accepted connections do their TLS handshake in the connection's own greenlet,
 bounded by ``[glb] handshake_timeout``. A failed or timed-out handshake closes
 the connection and is an ``error`` event (``connection.path`` is empty: no
-request was read); it never reaches pywsgi or the hub as a traceback.
+request was read); it never reaches the server or the hub as a traceback.
 
 To backends (``[backends] verify``, ``cafile``, ``certfile``/``keyfile``),
 ``backend_context`` is the client context for wss:// bindings and
@@ -137,14 +137,14 @@ def _check_context(context, name, listener):
 
 
 class TLSServer(WSGIServer):
-    """A pywsgi server for one TLS listener: handshakes bounded in time, failures reported.
+    """A gevent server for one TLS listener: handshakes bounded in time, failures reported.
 
     ``wsgi.url_scheme`` is ``https`` in every environ, so connections are
     ``secure`` and X-Forwarded-Proto says https. ``balancer`` (set by the
     Balancer, like on plain listeners) receives failed handshakes as ``error``.
 
-    A TLS socket cannot be detached from pywsgi, so an upgraded TLS connection's
-    session runs inside its pywsgi handler. Two consequences are handled here:
+    A TLS socket cannot be detached from the server's handler, so an upgraded TLS
+    connection's session runs inside that handler's greenlet. Two consequences are handled here:
     ``_TLSSocket.close`` ends the connection even while the handler's request
     reader still refers to the socket, and ``handler_class`` is given a
     ``handle_error`` that never tries to answer HTTP on a connection already
@@ -196,8 +196,8 @@ class TLSServer(WSGIServer):
 class _TLSSocket(gevent.ssl.SSLSocket):
     """A server-side TLS connection whose ``close()`` always ends it.
 
-    pywsgi's request reader (a ``makefile()`` of the socket) lives as long as its
-    handler; a plain socket would stay open until that reader is gone too.
+    Anything still holding a ``makefile()`` reference to the socket would keep
+    it open while the handler lives; an upgraded or failed connection must end now.
     """
 
     def close(self):
