@@ -40,6 +40,15 @@ class OwnSession:
         ws = self.conn.websocket
         return ws.close_code, ws.close_reason
 
+    def start(self):
+        """Run in this greenlet until the session is over, then tell the balancer (once)."""
+        try:
+            self.run()
+        except Exception as exc:
+            self.balancer.session_failed(self.conn, exc)
+        finally:
+            self.balancer.end_session(self.conn, self)
+
     def run(self):
         ws = self.conn.websocket
         while True:

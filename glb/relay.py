@@ -33,7 +33,6 @@ from glb.websocket import is_tls
 log = logging.getLogger("glb.relay")
 
 SEND_BETWEEN_TIMEOUT = 1.0  # seconds glb's own message waits for the relayed stream to reach a boundary
-DETACHED = "detached"  # run() returned with the session still relaying, on io watchers
 
 
 class ClientSession:
@@ -76,11 +75,12 @@ class ClientSession:
 
     # -- running -------------------------------------------------------------
 
-    def run(self):
-        """Relay until the session ends; DETACHED if it goes on in io watchers (it then ends itself).
+    def start(self):
+        """Relay until the session ends, then tell the balancer (once), from whichever greenlet ends it.
 
-        A TLS client's socket belongs to the greenlet that accepted it (closed when
-        it returns), so that greenlet waits here until the relay is done.
+        A plain client's relay goes on in io watchers after this returns. A TLS
+        client's socket belongs to the greenlet that accepted it (closed when it
+        returns), so that greenlet waits here until the relay is done.
         """
         settings = self.balancer.settings.glb
         client_ws = self.conn.websocket
@@ -92,7 +92,7 @@ class ClientSession:
         self.engine = RelayEngine(self, self.balancer.report_error, settings.max_message_size,
                                   self.upstream.close_timeout)
         self.balancer.client_sessions.add(self)
-        detached = False
+        relaying = False  # the io watchers own the session's end
         try:
             self.bus.fire(self.bus.client_connect, connection=self.conn, session=self, backend=self.backend)
             if self.closing.outcome is None:  # a client_connect handler may have closed the session
@@ -101,14 +101,15 @@ class ClientSession:
                     self.engine.run(self._relayed.set)
                     self._relayed.wait()
                 else:
-                    self.engine.run(self._detached_end)
-                    detached = True
+                    self.engine.run(self._end)
+                    relaying = True
+        except Exception as exc:
+            self.balancer.session_failed(self.conn, exc)
         finally:
-            if not detached:
-                self._finish()
-        return DETACHED if detached else None
+            if not relaying:
+                self._end()
 
-    def _detached_end(self):
+    def _end(self):
         self._finish()
         self.balancer.end_session(self.conn, self)
 

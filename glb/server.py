@@ -4,9 +4,10 @@
 handler class, ``UpgradeHandler`` (glb.http_server), reads every request itself:
 glb's own endpoints (``http_routes``), upgrades (``handle_upgrade``) and the rest
 (``http_proxy``). A valid upgrade becomes a *session*: an object with
-``response_headers`` and ``run()`` chosen by path (own echo, control channel,
-client relay). The 101 is written by glb, then the socket is detached from the
-server so the session lives in its own greenlet.
+``response_headers`` and ``start()`` chosen by path (own echo, control channel,
+client relay); ``start()`` tells ``end_session`` once when the session is over.
+The 101 is written by glb, then the socket is detached from the server so the
+session lives in its own greenlet (a plain client's relay, on io watchers).
 """
 
 import logging
@@ -33,7 +34,7 @@ from glb.http_server import UpgradeHandler
 from glb.own_sessions import EchoSession
 from glb.pool import PoolControl
 from glb.rebalance import Rebalancer
-from glb.relay import DETACHED, ClientSession
+from glb.relay import ClientSession
 from glb.live import LiveFeed, LiveSession, StatusPage
 from glb.metrics import MetricsEndpoint
 from glb.stats import Stats
@@ -297,31 +298,36 @@ class Balancer:
     client_session_class = ClientSession
 
     def run_session(self, conn, session):
-        """The one place a WebSocket session lives and ends: events fire exactly once each."""
-        ws = conn.websocket
+        """Where every WebSocket session starts: ``session.start()`` tells ``end_session`` when it is over.
+
+        That may be after this returns (a plain client's relay ends in its io watchers).
+        """
         conn.session = session
         self.connections[conn.id] = conn
         self.stats.connection_opened(conn.kind)
-        detached = False
         try:
             self.bus.fire(self.bus.connect, connection=conn)
-            if self.stopping:
-                ws.close(CloseCode.GOING_AWAY, "going away")
-            else:
-                detached = session.run() == DETACHED
-        except Exception as exc:
-            log.exception("! %s session failed", conn.id)
-            self.bus.fire(self.bus.exception, connection=conn, exception=exc)
-            _close_quietly(conn, CloseCode.INTERNAL_ERROR, "internal error")
-        finally:
-            if not detached:  # a detached session calls end_session when it ends
-                self.end_session(conn, session)
+        except BaseException:
+            self.end_session(conn, session)
+            raise
+        if self.stopping:
+            _close_quietly(conn, CloseCode.GOING_AWAY, "going away")
+            self.end_session(conn, session)
+            return
+        session.start()
+
+    def session_failed(self, conn, exc):
+        """A session's own code raised (a glb bug): log it, fire ``exception``, close with 1011."""
+        log.exception("! %s session failed", conn.id, exc_info=exc)
+        self.bus.fire(self.bus.exception, connection=conn, exception=exc)
+        _close_quietly(conn, CloseCode.INTERNAL_ERROR, "internal error")
 
     def end_session(self, conn, session):
         """Everything that happens once when a session is over, whichever greenlet ends it."""
+        if self.connections.pop(conn.id, None) is None:  # told already
+            return
         if not conn.websocket.closed:
             _close_quietly(conn, CloseCode.INTERNAL_ERROR, "session ended")
-        self.connections.pop(conn.id, None)
         self.admission.release_held(conn.id)
         code, reason = session.close_status
         self.bus.fire(self.bus.disconnect, connection=conn, code=code, reason=reason)
