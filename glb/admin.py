@@ -28,7 +28,6 @@ Each endpoint is a plain WSGI callable over a minimal environ (``REQUEST_METHOD`
 ``PATH_INFO``, ``QUERY_STRING``, ``REMOTE_ADDR``, ``HTTP_*``, ``wsgi.input``).
 """
 
-import hmac
 import json
 import logging
 import time
@@ -37,7 +36,7 @@ from urllib.parse import parse_qs, unquote
 from glb import reload
 from glb.config import REBALANCE_POLICIES, rebalance_policy_reason
 from glb.connection import CLIENT
-from glb.control import bearer_token, json_response, peer_address
+from glb.control import admitted, bearer_token, json_response
 from glb.errors import CloseCode, Status, is_sendable_close_code
 from glb.registry import CONNECTING, GONE
 from glb.pool import RESTART_REASON
@@ -61,11 +60,7 @@ def authorize(admin_settings, peer_ip, authorization):
     """None if the call may proceed, else the ApiError to answer with (401 or 403)."""
     expected = admin_settings.token
     presented = bearer_token(authorization)
-    if expected and presented is not None and hmac.compare_digest(
-            presented.encode("utf-8"), expected.encode("utf-8")):
-        return None
-    address = peer_address(peer_ip)
-    if address is not None and any(address in network for network in admin_settings.allow):
+    if admitted(expected, presented, admin_settings.allow, peer_ip):
         return None
     if expected and presented is None:
         return ApiError(Status.UNAUTHORIZED, "the admin API needs Authorization: Bearer <token>",

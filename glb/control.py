@@ -79,6 +79,15 @@ def bearer_token(authorization):
     return token.strip()
 
 
+def admitted(expected, presented, allow, peer_ip):
+    """True for the right bearer token (when one is set) or a peer inside ``allow``."""
+    if expected and presented is not None and hmac.compare_digest(
+            presented.encode("utf-8"), expected.encode("utf-8")):
+        return True
+    address = peer_address(peer_ip)
+    return address is not None and any(address in network for network in allow)
+
+
 def peer_address(ip):
     """``ip`` as an ``ipaddress`` address (an IPv4-mapped IPv6 address as IPv4), or None."""
     try:
@@ -99,11 +108,7 @@ def authorize(backends_settings, peer_ip, authorization):
     """
     expected = backends_settings.token
     presented = bearer_token(authorization)
-    if expected and presented is not None and hmac.compare_digest(
-            presented.encode("utf-8"), expected.encode("utf-8")):
-        return None
-    address = peer_address(peer_ip)
-    if address is not None and any(address in network for network in backends_settings.allow):
+    if admitted(expected, presented, backends_settings.allow, peer_ip):
         return None
     if not expected:
         return Rejection(Status.FORBIDDEN, f"control channels from {peer_ip} are not allowed")
