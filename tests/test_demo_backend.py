@@ -94,12 +94,17 @@ def test_registers_and_reports_its_clients():
             assert ready.backend.guid == "d1" and ready.backend.bindings[0].port == port
             assert get_binding(glb).json()["port"] == port
 
+            relayed = ws_connect(base_url(glb) + "/chat")  # through glb: glb counts it, not the report
+            relayed.send("whoami")
+            assert relayed.recv() == "d1"
             client = ws_connect(ws_url(backend))
             seen.wait("raw_message", match=lambda e: '"active":true' in e.text)
-            assert glb.registry.get("d1").clients == 1
+            entry = glb.registry.get("d1")
+            assert (entry.relayed, len(entry.reported_clients), entry.clients) == (1, 1, 2)
             client.close()
             seen.wait("raw_message", match=lambda e: '"active":false' in e.text)
-            assert glb.registry.get("d1").clients == 0
+            assert (entry.relayed, len(entry.reported_clients), entry.clients) == (1, 0, 1)
+            relayed.close()
         finally:
             backend.stop()
         assert seen.wait("server_disconnect")[0].code == CloseCode.NORMAL
