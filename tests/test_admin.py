@@ -149,6 +149,22 @@ def test_weight_close_and_sessions():
         assert {c.reason for c in fleet.closes(1012)} == {"moving"}
 
 
+def test_a_backend_whose_guid_has_a_slash_is_addressed_with_percent_2f():
+    with running_glb() as balancer:
+        recorder = Recorder(balancer, "server_ready")
+        backend = DemoBackend(0, lb_urls=[lb_url_for(balancer.addresses[0])], guid="team/blue")
+        backend.start()
+        try:
+            recorder.wait("server_ready")
+            shown = requests.get(admin_url(balancer, "backends/team%2Fblue"), timeout=5)
+            assert shown.status_code == 200 and shown.json()["name"] == "team/blue"
+            drained = requests.post(admin_url(balancer, "backends/team%2Fblue/drain"), timeout=5)
+            assert drained.status_code == 200
+            assert balancer.registry.get("team/blue").state == DRAINING
+        finally:
+            backend.stop(timeout=1)
+
+
 @pytest.mark.parametrize("method, path, body, status", [
     ("GET", "backends/nobody", None, 404),
     ("POST", "backends/nobody/drain", {}, 404),
