@@ -339,7 +339,7 @@ class FrameScanner(_MessageSequence):
         self._skip = 0  # bytes of the current data frame still to pass by
         self._head = b""  # start of a header cut by a chunk boundary
         self._control = None  # header of the control frame being collected
-        self._control_payload = bytearray()
+        self._control_payload = None  # its payload so far (a bytearray while one is collected)
         self._pending_start = 0  # stream position of a frame begun in an earlier chunk
         self._position = 0  # stream position of the next chunk's first byte
         self.close_seen = False
@@ -427,7 +427,7 @@ class FrameScanner(_MessageSequence):
             if len(payload) < header.length:
                 return take, None
             self._control = None
-            self._control_payload = bytearray()
+            self._control_payload = None
             return take, self._control_note(header, payload, take)
         head = self._head
         joined = head + bytes(chunk[:14])

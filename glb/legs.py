@@ -25,13 +25,13 @@ class Leg(LegClose):
     sends_masked = False  # this peer's frames are masked
     header_size = 2  # header of a small (< 126 bytes) frame from this peer
 
-    __slots__ = ("ws", "plain_sock", "fast", "inbound", "other", "out_scanner", "out_in_message", "last_activity", "last_pong",
-                 "ping_sent", "messages", "bytes", "boundary", "watcher")
+    __slots__ = ("ws", "os_sock", "fast", "inbound", "other", "out_scanner", "out_in_message", "last_activity",
+                 "last_pong", "ping_sent", "messages", "bytes", "boundary", "watcher", "engine", "reading")
 
     def __init__(self, ws):
         super().__init__()
         self.ws = ws
-        self.plain_sock = None  # the gevent socket of a plain (not TLS) leg, for the engine's fast path
+        self.os_sock = None  # the OS socket of a plain (not TLS) leg while it relays, for the engine's fast path
         self.fast = False  # the engine may relay this peer's chunks in its watcher callback
         self.inbound = None  # glb.engine.Decoding when this peer's frames are decoded, None when raw
         self.other = None
@@ -45,6 +45,8 @@ class Leg(LegClose):
         self.bytes = 0
         self.boundary = None  # Event for glb's own frames waiting on a boundary (made when one waits)
         self.watcher = None  # the relay engine's io watcher on this peer's socket, while it relays
+        self.engine = None  # the relay engine, while it relays
+        self.reading = False  # the engine still reads this peer (its direction is not done)
 
     def __repr__(self):
         return f"<{type(self).__name__} {self.ws!r}>"
@@ -52,6 +54,11 @@ class Leg(LegClose):
     @property
     def sock(self):
         return self.ws.sock
+
+    def __call__(self):
+        """The engine's io watcher callback: this peer's socket is readable. The leg itself is the
+        callback, so a watcher holds no bound method or argument tuple per leg while idle."""
+        self.engine.on_readable(self)
 
     def answered_since(self, moment):
         return self.last_activity >= moment or self.last_pong >= moment

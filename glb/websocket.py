@@ -55,6 +55,7 @@ from glb.frames import (
     parse_close_payload,
 )
 from glb.handshake import accept_key
+from glb.lean_socket import LeanSocket
 
 log = logging.getLogger(__name__)
 
@@ -163,10 +164,6 @@ class WebSocket:
         lock = self._write_lock
         return lock is not None and lock.locked()
 
-    @property
-    def max_message_size(self):
-        return self._reader.max_message_size
-
     # -- receiving ---------------------------------------------------------
 
     def receive(self):
@@ -270,8 +267,18 @@ class WebSocket:
         self._lost("connection closed without a close frame")
 
     def take_unread(self):
-        """Bytes received but not yet parsed (``initial`` included), for a caller switching to raw relaying."""
-        return self._reader.take_unread()
+        """Hand the received stream over: bytes not yet parsed (``initial`` included) are returned,
+        and this WebSocket parses nothing more (its frame reader is let go: a relay reading raw
+        from here on keeps none per session). ValueError in the middle of a frame or message."""
+        data = self._reader.take_unread()
+        self._reader = None
+        return data
+
+    def shed_watchers(self):
+        """Hold the socket as a ``LeanSocket`` (plain sockets only): no io watcher is kept for it
+        while nobody waits on it, for a session whose reads the relay engine watches itself."""
+        if self._plain and not isinstance(self._sock, LeanSocket):
+            self._sock = LeanSocket.take_over(self._sock)
 
     # -- sending -----------------------------------------------------------
 
@@ -524,7 +531,10 @@ def wait_readable(sock):
     EAGAIN before gevent waits; waiting first saves that syscall per message.
     Uses the socket's own read watcher (gevent internals, checked at import).
     """
-    sock._wait(sock._read_event)
+    if isinstance(sock, LeanSocket):
+        sock.wait_readable()
+    else:
+        sock._wait(sock._read_event)
 
 
 def _control_payload(payload):
