@@ -30,7 +30,6 @@ this module only carries it out.
 """
 import logging
 import time
-from time import monotonic
 
 import gevent
 from greenlet import getcurrent, greenlet
@@ -42,6 +41,10 @@ from glb.websocket import NEED_MORE, is_tls
 log = logging.getLogger("glb.relay")
 
 RECV_SIZE = 65536
+# What the fast path reads into. It runs in the hub and never switches before it is done with
+# the chunk, so one buffer serves every session (no 64 KiB allocation per chunk).
+_CHUNK = bytearray(RECV_SIZE)
+_CHUNK_VIEW = memoryview(_CHUNK)
 NOT_SCANNED = object()  # a job's chunk the scanner has not seen yet
 START = "start"  # the first job: what was read with the handshakes
 LINGER = "linger"  # timer job: the closing handshake took too long, end both legs
@@ -127,27 +130,27 @@ class RelayEngine:
         if src.fast:
             try:
                 # a non-blocking OS socket: never waits, never switches (EBADF once closed)
-                data = src.os_sock.recv(RECV_SIZE)
+                size = src.os_sock.recv_into(_CHUNK)
             except BlockingIOError:
                 return
             except OSError:
-                data = b""
-            job = (src, data, NOT_SCANNED)
-            if data and src.close_in is None:
+                size = 0
+            data = _CHUNK_VIEW[:size]  # valid until this callback returns: a job gets a copy
+            notes = NOT_SCANNED
+            if size and src.close_in is None:
                 dst = src.other
                 scanner = dst.out_scanner
                 if scanner.error is None:
                     notes = scanner.feed(data)
                     if notes is None:
-                        src.last_activity = monotonic()
+                        src.active = True
                         sent = dst.ws.send_now(data)
-                        if sent == len(data):
+                        if sent == size:
                             if dst.boundary is not None:  # glb's own frame waits for a boundary
                                 dst.wrote()
                             return
-                        job = (src, memoryview(data)[sent:], None)
-                    else:
-                        job = (src, data, notes)
+                        data = data[sent:]
+            job = (src, bytes(data), notes)
         self._busy = True
         run_on_worker(self._step, job)
 
@@ -293,12 +296,12 @@ class RelayEngine:
         scanner = dst.out_scanner
         if scanner.error is not None:  # the far peer judges what glb could not follow
             src.bytes += len(data)
-            src.last_activity = time.monotonic()
+            src.active = True
             dst.ws.send_raw(data)
         elif src.close_in is None:  # after its close frame, a peer's bytes are ignored
             notes = scanner.feed(data)
             if notes is None:
-                src.last_activity = time.monotonic()
+                src.active = True
                 dst.ws.send_raw(data)
             else:
                 self._note_liveness(src, data, notes)
@@ -311,7 +314,7 @@ class RelayEngine:
         if _only_pongs(notes, len(data), src.header_size):
             src.last_pong = time.monotonic()  # liveness, not activity
         else:
-            src.last_activity = time.monotonic()
+            src.active = True
 
     def _forward_notable(self, src, dst, data, notes):
         """Forward a chunk holding close/ping/pong frames or a violation; False ends the direction."""
@@ -378,7 +381,7 @@ class RelayEngine:
         if frame.fin and op < OP_CLOSE:
             src.messages += 1
         if op != OP_PONG:
-            src.last_activity = time.monotonic()
+            src.active = True
         if op == OP_CLOSE:
             code, reason = src.ws.close_code, src.ws.close_reason
             src.close_out = True  # the WebSocket layer has echoed it

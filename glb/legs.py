@@ -25,8 +25,8 @@ class Leg(LegClose):
     sends_masked = False  # this peer's frames are masked
     header_size = 2  # header of a small (< 126 bytes) frame from this peer
 
-    __slots__ = ("ws", "os_sock", "fast", "inbound", "other", "out_scanner", "out_in_message", "last_activity",
-                 "last_pong", "ping_sent", "messages", "bytes", "boundary", "watcher", "engine", "reading")
+    __slots__ = ("ws", "os_sock", "fast", "inbound", "other", "out_scanner", "out_in_message", "active",
+                 "last_activity", "last_pong", "ping_sent", "messages", "bytes", "boundary", "watcher", "engine", "reading")
 
     def __init__(self, ws):
         super().__init__()
@@ -37,7 +37,10 @@ class Leg(LegClose):
         self.other = None
         self.out_scanner = None  # FrameScanner over the raw stream written to this leg
         self.out_in_message = False  # decoded writes: a fragmented message to this leg is under way
-        self.last_activity = time.monotonic()  # anything but a pong received from this peer
+        # Anything but a pong received from this peer: the engine sets ``active`` per chunk (a store
+        # costs less than reading the clock), the keep-alive sweep turns it into ``last_activity``.
+        self.active = False
+        self.last_activity = time.monotonic()
         self.last_pong = 0.0
         self.ping_sent = None  # when glb's last keep-alive ping went to this peer
         # Received from this peer where no raw scanner counts them (decoded frames, blind forwarding)
@@ -59,6 +62,12 @@ class Leg(LegClose):
         """The engine's io watcher callback: this peer's socket is readable. The leg itself is the
         callback, so a watcher holds no bound method or argument tuple per leg while idle."""
         self.engine.on_readable(self)
+
+    def stamp_activity(self, now):
+        """The keep-alive sweep at ``now``: activity flagged since the last sweep counts as at ``now``."""
+        if self.active:
+            self.active = False
+            self.last_activity = now
 
     def answered_since(self, moment):
         return self.last_activity >= moment or self.last_pong >= moment

@@ -221,6 +221,8 @@ class ClientSession:
         if self.client is None or self.closing.outcome is not None:
             return
         legs = (self.client, self.backend_leg)
+        for leg in legs:
+            leg.stamp_activity(now)
         # A leg blocked in a send is streaming, not idle: send_timeout judges it (1008, slow reader).
         if idle_timeout and now - max(leg.last_activity for leg in legs) > idle_timeout \
                 and not any(leg.ws.sending for leg in legs):

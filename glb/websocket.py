@@ -331,10 +331,13 @@ class WebSocket:
         buffer is full; a failure is left for the next blocking send to report.
         For the relay engine's fast path, which runs in the hub.
         """
-        if self._close_sent or self._sock_closed or not self._plain or self._send_waiting():
+        if self._close_sent or self._sock_closed or not self._plain:
+            return 0
+        lock = self._write_lock
+        if lock is not None and lock.locked():
             return 0
         try:
-            return self._sock._sock.send(data)  # the OS socket under gevent's: no wait, no switch
+            return self._sock._sock.send(data)  # the OS socket itself: no wait, no switch
         except OSError:
             return 0
 
