@@ -121,39 +121,6 @@ class RelayEngine:
 
     # -- events and jobs ----------------------------------------------------------
 
-    def on_readable(self, src):
-        """io watcher callback (through ``src``), in the hub: forward the common chunk here, hand the rest to a worker."""
-        if self._busy:  # the job in progress (as it blocks) stopped the watchers; it reads after
-            self._wait_turn(src)
-            return
-        job = src
-        if src.fast:
-            try:
-                # a non-blocking OS socket: never waits, never switches (EBADF once closed)
-                size = src.os_sock.recv_into(_CHUNK)
-            except BlockingIOError:
-                return
-            except OSError:
-                size = 0
-            data = _CHUNK_VIEW[:size]  # valid until this callback returns: a job gets a copy
-            notes = NOT_SCANNED
-            if size and src.close_in is None:
-                dst = src.other
-                scanner = dst.out_scanner
-                if scanner.error is None:
-                    notes = scanner.feed(data)
-                    if notes is None:
-                        src.active = True
-                        sent = dst.ws.send_now(data)
-                        if sent == size:
-                            if dst.boundary is not None:  # glb's own frame waits for a boundary
-                                dst.wrote()
-                            return
-                        data = data[sent:]
-            job = (src, bytes(data), notes)
-        self._busy = True
-        run_on_worker(self._step, job)
-
     def _on_timer(self, job):
         if self._busy:
             self._wait_turn(job)
@@ -474,6 +441,44 @@ class RelayEngine:
         """Shutdown could not wait: end both legs; the relay then finishes by itself."""
         for leg in (self.client, self.backend):
             leg.shutdown()
+
+
+def on_readable(src):
+    """The io watcher callback for leg ``src`` (it is ``Leg.__call__``), in the hub.
+
+    Forwards the common chunk right here; hands anything else to a worker as a job.
+    """
+    engine = src.engine
+    if engine._busy:  # the job in progress (as it blocks) stopped the watchers; it reads after
+        engine._wait_turn(src)
+        return
+    job = src
+    if src.fast:
+        try:
+            # a non-blocking OS socket: never waits, never switches (EBADF once closed)
+            size = src.os_sock.recv_into(_CHUNK)
+        except BlockingIOError:
+            return
+        except OSError:
+            size = 0
+        data = _CHUNK_VIEW[:size]  # valid until this callback returns: a job gets a copy
+        notes = NOT_SCANNED
+        if size and src.close_in is None:
+            dst = src.other
+            scanner = dst.out_scanner
+            if scanner.error is None:
+                notes = scanner.feed(data)
+                if notes is None:
+                    src.active = True
+                    sent = dst.ws.send_now(data)
+                    if sent == size:
+                        if dst.boundary is not None:  # glb's own frame waits for a boundary
+                            dst.wrote()
+                        return
+                    data = data[sent:]
+        job = (src, bytes(data), notes)
+    engine._busy = True
+    run_on_worker(engine._step, job)
 
 
 def send_closes(owed):
