@@ -210,6 +210,29 @@ class GlbProcess:
             self._reader.join(timeout=5)
 
 
+def shipped_config(tmp_path):
+    """The shipped conf/lb.ini, written to ``tmp_path`` listening on a free port instead of 8080."""
+    with open(os.path.join(GlbProcess.ROOT, "conf", "lb.ini"), encoding="utf-8") as shipped:
+        text = shipped.read()
+    assert "listen = 127.0.0.1:8080" in text
+    path = tmp_path / "lb.ini"
+    path.write_text(text.replace("listen = 127.0.0.1:8080", "listen = 127.0.0.1:0"))
+    return path
+
+
+@contextlib.contextmanager
+def shipped_glb(tmp_path, backends=2):
+    """``python -m glb`` with the shipped config; yields the GlbProcess once its demo backends are ready."""
+    glb = GlbProcess(shipped_config(tmp_path))
+    try:
+        registered = r"ready: .*glb\.control|glb\.control.*ready:"
+        while sum(bool(re.search(registered, line)) for line in glb.lines) < backends:
+            glb.wait_for(registered)
+        yield glb
+    finally:
+        glb.stop()
+
+
 class Traffic:
     """Sessions that each send numbered messages and check every echo, round and round."""
 
