@@ -194,7 +194,9 @@ class AdminApi:
     def dispatch(self, environ):
         method = environ.get("REQUEST_METHOD", "GET")
         path = environ.get("PATH_INFO", "")
-        parts = [unquote(p) for p in path[len(self.root):].split("/")] if path.startswith(self.root) else []
+        # Split the path as sent, then decode each part, so a guid with "/" (sent as %2F) is one name.
+        sent = environ.get("RAW_URI", path).split("?", 1)[0]
+        parts = [unquote(p) for p in sent[len(self.root):].split("/")] if sent.startswith(self.root) else []
         route = self._route(parts)
         if route is None:
             raise ApiError(Status.NOT_FOUND, f"no admin endpoint at {path}")

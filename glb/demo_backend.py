@@ -145,19 +145,23 @@ class DemoBackend:
         peer = handler.client_address
         query = parse_qs(handler.environ.get("QUERY_STRING", ""))
         channel = query.get("channel", [""])[0]
+        # A session glb relays arrives with X-Forwarded-For; glb counts it already, so only
+        # clients that connected directly are reported (docs/protocol.md).
+        direct = "HTTP_X_FORWARDED_FOR" not in handler.environ
         if detached:
-            self.sessions.spawn(self.serve, ws, peer, channel)
+            self.sessions.spawn(self.serve, ws, peer, channel, direct)
         else:
-            self.serve(ws, peer, channel)
+            self.serve(ws, peer, channel, direct)
 
-    def serve(self, ws, peer, channel=""):
+    def serve(self, ws, peer, channel="", direct=True):
         """Echo until the client leaves; ``whoami`` gets the guid, ``broadcast:...`` is broadcast."""
         conn_id = f"{self.guid}-{next(self._ids)}"
         ws.send_timeout = CLIENT_SEND_TIMEOUT
         self.websockets[conn_id] = ws
         ip = peer[0] if peer else ""
         self.clients[conn_id] = ClientRecord(True, conn_id, ip, channel)
-        if self.agent is not None:
+        report = direct and self.agent is not None
+        if report:
             self.agent.client_connected(conn_id, ip=ip, channel=channel)
         try:
             while True:
@@ -173,7 +177,7 @@ class DemoBackend:
         finally:
             self.websockets.pop(conn_id, None)
             self.clients.pop(conn_id, None)
-            if self.agent is not None:
+            if report:
                 self.agent.client_disconnected(conn_id)
             if not ws.closed:
                 ws.abort()

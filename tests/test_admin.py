@@ -7,9 +7,8 @@ import requests
 
 from glb.demo_backend import DemoBackend, lb_url_for
 from glb.registry import DRAINING, READY
-from tests.fleet import Fleet
-from tests.support import base_url, running_glb
-from tests.test_control import Recorder
+from tests.fleet import Fleet, demo_pool
+from tests.support import base_url, Recorder, running_glb
 
 TOKEN = "s3cret-admin"
 
@@ -21,22 +20,8 @@ def admin_url(balancer, path):
 @contextlib.contextmanager
 def two_backends(sessions=0, **sections):
     with running_glb(**sections) as balancer:
-        recorder = Recorder(balancer, "server_ready", "client_disconnect")
-        lb = lb_url_for(balancer.addresses[0])
-        backends = [DemoBackend(0, lb_urls=[lb], guid=guid) for guid in ("blue", "green")]
-        for backend in backends:
-            backend.start()
-        fleet = None
-        try:
-            recorder.wait("server_ready", 2)
-            if sessions:
-                fleet = Fleet(base_url(balancer) + "/app", sessions).start()
+        with demo_pool(balancer, ["blue", "green"], sessions=sessions) as (backends, fleet, recorder):
             yield balancer, backends, fleet, recorder
-        finally:
-            if fleet is not None:
-                fleet.stop()
-            for backend in backends:
-                backend.stop(timeout=1)
 
 
 # -- who may call ----------------------------------------------------------------------------------
@@ -147,6 +132,22 @@ def test_weight_close_and_sessions():
         assert answer.json()["closing"] == on_blue
         fleet.wait_for(lambda: len(fleet.closes(1012)) == on_blue, 10, "blue's sessions closed")
         assert {c.reason for c in fleet.closes(1012)} == {"moving"}
+
+
+def test_a_backend_whose_guid_has_a_slash_is_addressed_with_percent_2f():
+    with running_glb() as balancer:
+        recorder = Recorder(balancer, "server_ready")
+        backend = DemoBackend(0, lb_urls=[lb_url_for(balancer.addresses[0])], guid="team/blue")
+        backend.start()
+        try:
+            recorder.wait("server_ready")
+            shown = requests.get(admin_url(balancer, "backends/team%2Fblue"), timeout=5)
+            assert shown.status_code == 200 and shown.json()["name"] == "team/blue"
+            drained = requests.post(admin_url(balancer, "backends/team%2Fblue/drain"), timeout=5)
+            assert drained.status_code == 200
+            assert balancer.registry.get("team/blue").state == DRAINING
+        finally:
+            backend.stop(timeout=1)
 
 
 @pytest.mark.parametrize("method, path, body, status", [

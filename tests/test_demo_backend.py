@@ -13,9 +13,8 @@ import requests
 from glb import control_records as records
 from glb.demo_backend import DemoBackend, DemoFleet, lb_url_for
 from glb.errors import CloseCode
-from tests.support import base_url, recv_close, running_glb, ws_connect
-from tests.test_agent import free_port
-from tests.test_control import Recorder, get_binding
+from tests.support import base_url, free_port, Recorder, recv_close, running_glb, ws_connect
+from tests.control_peer import get_binding
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -94,12 +93,17 @@ def test_registers_and_reports_its_clients():
             assert ready.backend.guid == "d1" and ready.backend.bindings[0].port == port
             assert get_binding(glb).json()["port"] == port
 
+            relayed = ws_connect(base_url(glb) + "/chat")  # through glb: glb counts it, not the report
+            relayed.send("whoami")
+            assert relayed.recv() == "d1"
             client = ws_connect(ws_url(backend))
             seen.wait("raw_message", match=lambda e: '"active":true' in e.text)
-            assert glb.registry.get("d1").clients == 1
+            entry = glb.registry.get("d1")
+            assert (entry.relayed, len(entry.reported_clients), entry.clients) == (1, 1, 2)
             client.close()
             seen.wait("raw_message", match=lambda e: '"active":false' in e.text)
-            assert glb.registry.get("d1").clients == 0
+            assert (entry.relayed, len(entry.reported_clients), entry.clients) == (1, 0, 1)
+            relayed.close()
         finally:
             backend.stop()
         assert seen.wait("server_disconnect")[0].code == CloseCode.NORMAL
