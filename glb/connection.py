@@ -8,6 +8,21 @@ CLIENT, CONTROL, OWN = "client", "control", "own"
 
 _ids = itertools.count(1)
 
+# Title-cased header names, shared by every connection's Headers (a session keeps its headers for
+# its whole life: one copy of "Sec-Websocket-Key" for all of them). Bounded: names a client makes
+# up are title-cased afresh once it is full.
+_TITLED: dict[str, str] = {}
+TITLED_NAMES = 512
+
+
+def _titled(name):
+    titled = _TITLED.get(name)
+    if titled is None:
+        titled = name.title()
+        if len(_TITLED) < TITLED_NAMES:
+            _TITLED[name] = titled
+    return titled
+
 
 class Headers(dict):
     """Request headers, looked up case-insensitively; names kept in WSGI's title case.
@@ -25,7 +40,7 @@ class Headers(dict):
         return super().__getitem__(name.title())
 
     def __setitem__(self, name, value):
-        super().__setitem__(name.title(), value)
+        super().__setitem__(_titled(name), value)
 
     def __delitem__(self, name):
         super().__delitem__(name.title())
@@ -40,7 +55,7 @@ class Headers(dict):
         return super().pop(name.title(), *default)
 
     def setdefault(self, name, default=None):
-        return super().setdefault(name.title(), default)
+        return super().setdefault(_titled(name), default)
 
     def update(self, items=(), **more):
         for name, value in (items.items() if hasattr(items, "items") else items):
@@ -60,7 +75,7 @@ def headers_from_environ(environ):
     headers = Headers()
     for key, value in environ.items():
         if key.startswith("HTTP_"):
-            headers[key[5:].replace("_", "-").title()] = value
+            headers[key[5:].replace("_", "-")] = value
     if environ.get("CONTENT_TYPE"):
         headers["Content-Type"] = environ["CONTENT_TYPE"]
     if environ.get("CONTENT_LENGTH"):

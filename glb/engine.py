@@ -12,7 +12,8 @@ per direction when the session starts:
              is re-encoded for the other leg.
 
 Where it runs: every session the same way, with no greenlet parked while it
-is idle. One persistent io watcher per socket calls ``_on_readable`` in the
+is idle. One persistent io watcher per socket (and no other: a plain socket
+is held as a ``glb.lean_socket.LeanSocket``) calls ``on_readable`` in the
 hub. For a raw direction between plain sockets it reads the chunk and, in the
 common case (no close, ping or violation in it, the other socket takes it
 whole), forwards it right there without switching greenlets. Anything else (a
@@ -29,7 +30,6 @@ this module only carries it out.
 """
 import logging
 import time
-from time import monotonic
 
 import gevent
 from greenlet import getcurrent, greenlet
@@ -41,6 +41,10 @@ from glb.websocket import NEED_MORE, is_tls
 log = logging.getLogger("glb.relay")
 
 RECV_SIZE = 65536
+# What the fast path reads into. It runs in the hub and never switches before it is done with
+# the chunk, so one buffer serves every session (no 64 KiB allocation per chunk).
+_CHUNK = bytearray(RECV_SIZE)
+_CHUNK_VIEW = memoryview(_CHUNK)
 NOT_SCANNED = object()  # a job's chunk the scanner has not seen yet
 START = "start"  # the first job: what was read with the handshakes
 LINGER = "linger"  # timer job: the closing handshake took too long, end both legs
@@ -54,35 +58,31 @@ class RelayEngine:
     """Moves bytes for one ``ClientSession`` until both directions are done."""
 
     __slots__ = ("session", "conn", "bus", "closing", "client", "backend", "close_timeout",
-                 "max_message_size", "report_error", "_directions", "_busy", "_waiting",
-                 "_timer", "_on_done", "_initial")
+                 "max_message_size", "_busy", "_waiting", "_timer", "_initial")
 
-    def __init__(self, session, report_error, max_message_size, close_timeout):
+    def __init__(self, session, max_message_size, close_timeout):
         self.session = session
         self.conn = session.conn
         self.bus = session.bus
         self.closing = session.closing
         self.client = session.client
         self.backend = session.backend_leg
-        self.report_error = report_error
         self.max_message_size = max_message_size
         self.close_timeout = close_timeout
-        self._directions = []  # the source legs still being read (a list of two: smaller than a set)
         self._busy = False  # a job is running (on a worker, or the first one in the session greenlet)
-        self._waiting = []  # jobs that came while it ran
+        self._waiting = None  # a list of the jobs that came while it ran (made when one does)
         self._timer = None  # linger / give-up timer once one direction is done
-        self._on_done = None  # called once, when the last direction is done
         self._initial: dict = {}  # raw direction -> bytes read with the handshake, for the first job
 
-    def run(self, on_done):
-        """Start relaying on io watchers; ``on_done()`` is called once when both directions are done.
+    def run(self):
+        """Start relaying on io watchers; ``session.relayed()`` is called once when both directions are done.
 
         The bytes read with the handshakes are relayed here first, in the caller's greenlet.
         """
-        self._on_done = on_done
         loop = gevent.get_hub().loop
         for src in (self.client, self.backend):
-            src.plain_sock = None if is_tls(src.sock) else src.sock
+            src.ws.shed_watchers()  # a plain socket keeps no watcher of gevent's: the engine's own reads it
+            src.os_sock = None if is_tls(src.sock) else src.sock._sock
             initial = self._raw_initial(src)
             if initial is None:
                 src.inbound = Decoding(self.bus, from_client=src is self.client)
@@ -91,11 +91,16 @@ class RelayEngine:
                 self._scan_into(src.other)
         for src in (self.client, self.backend):
             dst = src.other
-            src.fast = src.inbound is None and src.plain_sock is not None and dst.plain_sock is not None
-            self._directions.append(src)
+            src.fast = src.inbound is None and src.os_sock is not None and dst.os_sock is not None
+            src.reading = True
+            src.engine = self
             src.watcher = loop.io(src.sock.fileno(), 1)
         self._busy = True
         self._step(START)
+
+    def _reading(self):
+        """The legs whose direction is still read."""
+        return [leg for leg in (self.client, self.backend) if leg.reading]
 
     def _raw_initial(self, src):
         """Bytes already read from ``src`` if its direction can run raw; None if it must be decoded."""
@@ -116,45 +121,17 @@ class RelayEngine:
 
     # -- events and jobs ----------------------------------------------------------
 
-    def _on_readable(self, src):
-        """io watcher callback, in the hub: forward the common chunk here, hand the rest to a worker."""
-        if self._busy:  # the job in progress (as it blocks) stopped the watchers; it reads after
-            self._waiting.append(src)
+    def _on_timer(self, job):
+        if self._busy:
+            self._wait_turn(job)
             return
-        job = src
-        if src.fast:
-            try:
-                # the OS socket under gevent's: never waits, never switches (EBADF once closed)
-                data = src.plain_sock._sock.recv(RECV_SIZE)
-            except BlockingIOError:
-                return
-            except OSError:
-                data = b""
-            job = (src, data, NOT_SCANNED)
-            if data and src.close_in is None:
-                dst = src.other
-                scanner = dst.out_scanner
-                if scanner.error is None:
-                    notes = scanner.feed(data)
-                    if notes is None:
-                        src.last_activity = monotonic()
-                        sent = dst.ws.send_now(data)
-                        if sent == len(data):
-                            if dst.boundary is not None:  # glb's own frame waits for a boundary
-                                dst.wrote()
-                            return
-                        job = (src, memoryview(data)[sent:], None)
-                    else:
-                        job = (src, data, notes)
         self._busy = True
         run_on_worker(self._step, job)
 
-    def _on_timer(self, job):
-        if self._busy:
-            self._waiting.append(job)
-            return
-        self._busy = True
-        run_on_worker(self._step, job)
+    def _wait_turn(self, job):
+        if self._waiting is None:
+            self._waiting = []
+        self._waiting.append(job)
 
     def _step(self, job):
         """Run ``job``, then whatever queued meanwhile; the watchers resume after.
@@ -167,11 +144,11 @@ class RelayEngine:
                 leg.watcher.stop()
         try:
             self._handle(job)
-            while self._directions:
+            while self.client.reading or self.backend.reading:
                 if self._waiting:
                     self._handle(self._waiting.pop(0))
                     continue
-                closed = [leg for leg in self._directions if leg.ws.socket_closed]
+                closed = [leg for leg in self._reading() if leg.ws.socket_closed]
                 if not closed:
                     break
                 for leg in closed:  # closed by the WebSocket layer: reading it ends the direction
@@ -184,43 +161,43 @@ class RelayEngine:
                 leg.shutdown()
         finally:
             self._busy = False
-            self._waiting.clear()
-            if self._directions:
-                for leg in self._directions:
-                    if leg.watcher is not None and not leg.watcher.active:
-                        leg.watcher.start(self._on_readable, leg)
-            else:
+            self._waiting = None
+            reading = self._reading()
+            for leg in reading:
+                if leg.watcher is not None and not leg.watcher.active:
+                    leg.watcher.start(leg)  # the leg calls on_readable: no callback or arguments made per leg
+            if not reading:
                 self._stop_watching()
 
     def _handle(self, job):
         if job is START:
             for src in (self.client, self.backend):
-                if src in self._directions and not self._receive(src, self._initial.pop(src, None) or None):
+                if src.reading and not self._receive(src, self._initial.pop(src, None) or None):
                     self._direction_done(src)
             self._initial = _NOTHING_READ  # shared: one dict less per session
             return
         if job is LINGER:
-            for leg in self._directions:
+            for leg in self._reading():
                 leg.shutdown()
             self._start_timer(1.0, GIVE_UP)
             return
         if job is GIVE_UP:
-            self._directions.clear()
+            self.client.reading = self.backend.reading = False
             return
         if isinstance(job, tuple):  # a chunk the fast path read
             src, data, notes = job
-            if src in self._directions and not self._chunk(src, data, notes):
+            if src.reading and not self._chunk(src, data, notes):
                 self._direction_done(src)
             return
         src = job
-        while src in self._directions:
+        while src.reading:
             try:
                 data = src.sock.recv(RECV_SIZE)
             except OSError:
                 data = b""
             if not self._receive(src, data):
                 self._direction_done(src)
-            elif not (src.plain_sock is None and src.sock.pending()):
+            elif not (src.os_sock is None and src.sock.pending()):
                 return  # a TLS leg's SSL object may hold bytes the kernel no longer shows
 
     def _receive(self, src, data):
@@ -232,11 +209,10 @@ class RelayEngine:
         return self._chunk(src, data, NOT_SCANNED)
 
     def _direction_done(self, src):
-        if src in self._directions:
-            self._directions.remove(src)
+        src.reading = False
         if src.watcher is not None:
             src.watcher.stop()
-        if self._directions and self._timer is None:
+        if (self.client.reading or self.backend.reading) and self._timer is None:
             self._start_timer(self.close_timeout, LINGER)
 
     def _start_timer(self, seconds, job):
@@ -251,15 +227,15 @@ class RelayEngine:
             self._timer = None
 
     def _stop_watching(self):
+        if self.client.watcher is None:  # stopped already: the session has been told
+            return
         for leg in (self.client, self.backend):
             if leg.watcher is not None:
                 leg.watcher.stop()
                 leg.watcher.close()
                 leg.watcher = None
         self._stop_timer()
-        on_done, self._on_done = self._on_done, None
-        if on_done is not None:
-            on_done()
+        self.session.relayed()
 
     # -- raw directions ----------------------------------------------------------
 
@@ -287,12 +263,12 @@ class RelayEngine:
         scanner = dst.out_scanner
         if scanner.error is not None:  # the far peer judges what glb could not follow
             src.bytes += len(data)
-            src.last_activity = time.monotonic()
+            src.active = True
             dst.ws.send_raw(data)
         elif src.close_in is None:  # after its close frame, a peer's bytes are ignored
             notes = scanner.feed(data)
             if notes is None:
-                src.last_activity = time.monotonic()
+                src.active = True
                 dst.ws.send_raw(data)
             else:
                 self._note_liveness(src, data, notes)
@@ -305,7 +281,7 @@ class RelayEngine:
         if _only_pongs(notes, len(data), src.header_size):
             src.last_pong = time.monotonic()  # liveness, not activity
         else:
-            src.last_activity = time.monotonic()
+            src.active = True
 
     def _forward_notable(self, src, dst, data, notes):
         """Forward a chunk holding close/ping/pong frames or a violation; False ends the direction."""
@@ -315,7 +291,7 @@ class RelayEngine:
                     # A protocol error: the far peer fails the connection as it would have
                     # without glb (same close code, after the messages before it). From here
                     # on this direction is forwarded blind, and glb injects nothing into it.
-                    self.report_error(self.conn, f"{src.name} broke the protocol "
+                    self.session.balancer.report_error(self.conn, f"{src.name} broke the protocol "
                                       f"({note.error.code} {note.error.reason}); "
                                       f"passed on for the {dst.name} to judge")
                     dst.ws.send_raw(data)
@@ -372,7 +348,7 @@ class RelayEngine:
         if frame.fin and op < OP_CLOSE:
             src.messages += 1
         if op != OP_PONG:
-            src.last_activity = time.monotonic()
+            src.active = True
         if op == OP_CLOSE:
             code, reason = src.ws.close_code, src.ws.close_reason
             src.close_out = True  # the WebSocket layer has echoed it
@@ -456,7 +432,7 @@ class RelayEngine:
 
     def _violation(self, src, error, mid_frame=False, told=False):
         """``src`` broke the protocol (or a limit): tell it why, and close the other leg."""
-        self.report_error(self.conn, f"{src.name} {error.code} {error.reason}")
+        self.session.balancer.report_error(self.conn, f"{src.name} {error.code} {error.reason}")
         for leg, code, reason in self.closing.violated(src, error.code, error.reason, told=told):
             leg.send_close(code, reason, mid_frame=mid_frame and leg is not src)
         src.shutdown()
@@ -465,6 +441,44 @@ class RelayEngine:
         """Shutdown could not wait: end both legs; the relay then finishes by itself."""
         for leg in (self.client, self.backend):
             leg.shutdown()
+
+
+def on_readable(src):
+    """The io watcher callback for leg ``src`` (it is ``Leg.__call__``), in the hub.
+
+    Forwards the common chunk right here; hands anything else to a worker as a job.
+    """
+    engine = src.engine
+    if engine._busy:  # the job in progress (as it blocks) stopped the watchers; it reads after
+        engine._wait_turn(src)
+        return
+    job = src
+    if src.fast:
+        try:
+            # a non-blocking OS socket: never waits, never switches (EBADF once closed)
+            size = src.os_sock.recv_into(_CHUNK)
+        except BlockingIOError:
+            return
+        except OSError:
+            size = 0
+        data = _CHUNK_VIEW[:size]  # valid until this callback returns: a job gets a copy
+        notes = NOT_SCANNED
+        if size and src.close_in is None:
+            dst = src.other
+            scanner = dst.out_scanner
+            if scanner.error is None:
+                notes = scanner.feed(data)
+                if notes is None:
+                    src.active = True
+                    sent = dst.ws.send_now(data)
+                    if sent == size:
+                        if dst.boundary is not None:  # glb's own frame waits for a boundary
+                            dst.wrote()
+                        return
+                    data = data[sent:]
+        job = (src, bytes(data), notes)
+    engine._busy = True
+    run_on_worker(engine._step, job)
 
 
 def send_closes(owed):

@@ -330,7 +330,7 @@ class FrameScanner(_MessageSequence):
     """
 
     __slots__ = ("expect_masked", "_mask_bit", "_skip", "_head", "_control", "_control_payload",
-                 "_pending_start", "_position", "close_seen", "error")
+                 "_pending_start", "_position", "close_seen", "error", "_small")
 
     def __init__(self, max_message_size, expect_masked):
         super().__init__(max_message_size)
@@ -339,11 +339,15 @@ class FrameScanner(_MessageSequence):
         self._skip = 0  # bytes of the current data frame still to pass by
         self._head = b""  # start of a header cut by a chunk boundary
         self._control = None  # header of the control frame being collected
-        self._control_payload = bytearray()
+        self._control_payload = None  # its payload so far (a bytearray while one is collected)
         self._pending_start = 0  # stream position of a frame begun in an earlier chunk
         self._position = 0  # stream position of the next chunk's first byte
         self.close_seen = False
         self.error = None
+        self._small = min(MAX_CONTROL_PAYLOAD, max_message_size)  # see feed(); 125: a 7-bit length
+
+    def _update_small(self):
+        self._small = -1 if self.in_message or self.close_seen else min(MAX_CONTROL_PAYLOAD, self.max_message_size)
 
     @property
     def at_boundary(self):
@@ -354,15 +358,43 @@ class FrameScanner(_MessageSequence):
         if self.error is not None:
             raise RuntimeError("FrameScanner fed after a violation")
         size = len(chunk)
-        skip = self._skip
-        if skip >= size:  # the whole chunk is payload (or empty)
-            self._skip = skip - size
+        pos = self._skip
+        if pos >= size:  # the whole chunk is payload (or empty)
+            self._skip = pos - size
             self._position += size
             return None
+        if self._head or self._control is not None:
+            return self._scan(chunk, pos)
+        # Whole small text/binary messages, by far the common case, cost one test each: ``_small``
+        # is the largest payload such a frame may have here (-1 inside a fragmented message or after
+        # a close), and XOR with the expected mask bit makes a wrongly masked frame's length too big.
+        small = self._small
+        mask_bit = self._mask_bit
+        header = 6 if mask_bit else 2
+        whole = 0
+        last = size - 1
+        while pos < last:
+            first = chunk[pos]
+            length = chunk[pos + 1] ^ mask_bit
+            if length > small or (first != 0x81 and first != 0x82):
+                break
+            pos += length + header
+            whole += 1
+        if whole:
+            self.messages += whole
+        if pos >= size:
+            self._skip = pos - size
+            self._position += size
+            return None
+        return self._scan(chunk, pos)
+
+    def _scan(self, chunk, pos):
+        """``feed`` from ``pos`` on, for anything but whole small messages (headers cut by chunk ends,
+        control frames, fragments, large frames, violations)."""
+        size = len(chunk)
         self._skip = 0
-        pos = skip
         notes = None
-        start = 0
+        start = pos
         whole = 0  # small whole messages passed by the fast path, added to ``messages`` once
         try:
             if self._control is not None or self._head:
@@ -377,12 +409,9 @@ class FrameScanner(_MessageSequence):
                     self._save_head(chunk, pos)
                     break
                 first = chunk[pos]
-                second = chunk[pos + 1]
-                length = second & 0x7F
-                if ((first == 0x82 or first == 0x81) and (second & 0x80) == mask_bit and length < 126
-                        and not self.in_message and not self.close_seen
-                        and length <= self.max_message_size):
-                    # A whole small text/binary message: by far the common case.
+                length = chunk[pos + 1] ^ mask_bit
+                if length <= self._small and (first == 0x82 or first == 0x81):
+                    # A whole small text/binary message, as in ``feed``.
                     pos += length + (6 if mask_bit else 2)
                     whole += 1
                     continue
@@ -422,12 +451,13 @@ class FrameScanner(_MessageSequence):
         if self._control is not None:
             header = self._control
             payload = self._control_payload
+            assert payload is not None  # made together with _control
             take = min(header.length - len(payload), len(chunk))
             payload += chunk[:take]
             if len(payload) < header.length:
                 return take, None
             self._control = None
-            self._control_payload = bytearray()
+            self._control_payload = None
             return take, self._control_note(header, payload, take)
         head = self._head
         joined = head + bytes(chunk[:14])
@@ -447,6 +477,7 @@ class FrameScanner(_MessageSequence):
         end = payload_start + header.length
         if header.opcode < OP_CLOSE:
             self._track_data_frame(header.opcode, header.fin, header.length)
+            self._update_small()
             return end, None
         if end <= len(chunk):
             return end, self._control_note(header, chunk[payload_start:end], end)
@@ -460,5 +491,6 @@ class FrameScanner(_MessageSequence):
         if header.opcode == OP_CLOSE:
             code, reason = parse_close_payload(payload)
             self.close_seen = True
+            self._update_small()
             return Control(OP_CLOSE, payload, code, reason, end)
         return Control(header.opcode, payload, None, None, end)

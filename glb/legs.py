@@ -13,6 +13,7 @@ import time
 from gevent.event import Event
 
 from glb.closing import LegClose
+from glb.engine import on_readable
 from glb.errors import ConnectionClosed
 from glb.frames import OP_CLOSE, encode_close_payload, encode_frame
 
@@ -25,19 +26,22 @@ class Leg(LegClose):
     sends_masked = False  # this peer's frames are masked
     header_size = 2  # header of a small (< 126 bytes) frame from this peer
 
-    __slots__ = ("ws", "plain_sock", "fast", "inbound", "other", "out_scanner", "out_in_message", "last_activity", "last_pong",
-                 "ping_sent", "messages", "bytes", "boundary", "watcher")
+    __slots__ = ("ws", "os_sock", "fast", "inbound", "other", "out_scanner", "out_in_message", "active",
+                 "last_activity", "last_pong", "ping_sent", "messages", "bytes", "boundary", "watcher", "engine", "reading")
 
     def __init__(self, ws):
         super().__init__()
         self.ws = ws
-        self.plain_sock = None  # the gevent socket of a plain (not TLS) leg, for the engine's fast path
+        self.os_sock = None  # the OS socket of a plain (not TLS) leg while it relays, for the engine's fast path
         self.fast = False  # the engine may relay this peer's chunks in its watcher callback
         self.inbound = None  # glb.engine.Decoding when this peer's frames are decoded, None when raw
         self.other = None
         self.out_scanner = None  # FrameScanner over the raw stream written to this leg
         self.out_in_message = False  # decoded writes: a fragmented message to this leg is under way
-        self.last_activity = time.monotonic()  # anything but a pong received from this peer
+        # Anything but a pong received from this peer: the engine sets ``active`` per chunk (a store
+        # costs less than reading the clock), the keep-alive sweep turns it into ``last_activity``.
+        self.active = False
+        self.last_activity = time.monotonic()
         self.last_pong = 0.0
         self.ping_sent = None  # when glb's last keep-alive ping went to this peer
         # Received from this peer where no raw scanner counts them (decoded frames, blind forwarding)
@@ -45,6 +49,8 @@ class Leg(LegClose):
         self.bytes = 0
         self.boundary = None  # Event for glb's own frames waiting on a boundary (made when one waits)
         self.watcher = None  # the relay engine's io watcher on this peer's socket, while it relays
+        self.engine = None  # the relay engine, while it relays
+        self.reading = False  # the engine still reads this peer (its direction is not done)
 
     def __repr__(self):
         return f"<{type(self).__name__} {self.ws!r}>"
@@ -52,6 +58,16 @@ class Leg(LegClose):
     @property
     def sock(self):
         return self.ws.sock
+
+    # The relay engine's io watcher callback: this peer's socket is readable. The leg itself is
+    # the callback, so a watcher holds no bound method or argument tuple per leg while idle.
+    __call__ = on_readable
+
+    def stamp_activity(self, now):
+        """The keep-alive sweep at ``now``: activity flagged since the last sweep counts as at ``now``."""
+        if self.active:
+            self.active = False
+            self.last_activity = now
 
     def answered_since(self, moment):
         return self.last_activity >= moment or self.last_pong >= moment

@@ -28,7 +28,7 @@ from glb.errors import ConnectionClosed, Status
 from glb.own_sessions import OwnSession
 from glb.registry import READY, UP
 from glb.stats import backend_figures
-from glb.status import operator_refusal
+from glb.status import operator_refusal, refuse_operator_read
 
 PAGE = "static/status.html"
 TICK = 1.0  # seconds between two ticks
@@ -44,16 +44,12 @@ class StatusPage:
         self.body = importlib.resources.files("glb").joinpath(PAGE).read_bytes()
 
     def __call__(self, environ, start_response):
-        refusal = operator_refusal(self.balancer, environ)
-        if refusal is not None:
-            start_response(refusal.status, refusal.headers)
-            return [refusal.body]
-        if environ.get("REQUEST_METHOD") not in ("GET", "HEAD"):
-            start_response(Status.METHOD_NOT_ALLOWED, [("Allow", "GET, HEAD"), ("Content-Length", "0")])
-            return []
+        refused = refuse_operator_read(self.balancer, environ, start_response)
+        if refused is not None:
+            return refused
         start_response(Status.OK, [("Content-Type", "text/html; charset=utf-8"),
                                    ("Content-Length", str(len(self.body))), ("Cache-Control", "no-store")])
-        return [] if environ["REQUEST_METHOD"] == "HEAD" else [self.body]
+        return [self.body]
 
 
 class LiveFeed:

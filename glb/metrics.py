@@ -22,7 +22,7 @@ from glb import __version__
 from glb.errors import Status
 from glb.registry import CONNECTING, DRAINING, GONE, READY, UP
 from glb.stats import DIRECTIONS, backend_figures
-from glb.status import operator_refusal
+from glb.status import refuse_operator_read
 
 KINDS = ("client", "control", "own")
 STATES = (CONNECTING, READY, DRAINING, GONE)
@@ -183,18 +183,12 @@ class MetricsEndpoint:
         self.registry = make_registry(balancer)
 
     def __call__(self, environ, start_response):
-        refusal = operator_refusal(self.balancer, environ)
-        if refusal is not None:
-            start_response(refusal.status, refusal.headers)
-            return [refusal.body]
-        if environ.get("REQUEST_METHOD") not in ("GET", "HEAD"):
-            body = b"use GET\n"
-            start_response(Status.METHOD_NOT_ALLOWED, [("Allow", "GET, HEAD"), ("Content-Type", "text/plain"),
-                                                       ("Content-Length", str(len(body)))])
-            return [body]
+        refused = refuse_operator_read(self.balancer, environ, start_response)
+        if refused is not None:
+            return refused
         body = generate_latest(self.registry)
         start_response(Status.OK, [("Content-Type", CONTENT_TYPE_LATEST), ("Content-Length", str(len(body)))])
-        return [] if environ["REQUEST_METHOD"] == "HEAD" else [body]
+        return [body]
 
 
 def render_names():

@@ -89,8 +89,7 @@ class ClientSession:
         self.client = self.closing.client = ClientLeg(client_ws)
         self.response_headers = ()  # written with the 101: not kept for the session's life
         self.client.other, self.backend_leg.other = self.backend_leg, self.client
-        self.engine = RelayEngine(self, self.balancer.report_error, settings.max_message_size,
-                                  self.upstream.close_timeout)
+        self.engine = RelayEngine(self, settings.max_message_size, self.upstream.close_timeout)
         self.balancer.client_sessions.add(self)
         relaying = False  # the io watchers own the session's end
         try:
@@ -98,16 +97,23 @@ class ClientSession:
             if self.closing.outcome is None:  # a client_connect handler may have closed the session
                 if is_tls(client_ws.sock):
                     self._relayed = Event()
-                    self.engine.run(self._relayed.set)
+                    self.engine.run()
                     self._relayed.wait()
                 else:
-                    self.engine.run(self._end)
+                    self.engine.run()
                     relaying = True
         except Exception as exc:
             self.balancer.session_failed(self.conn, exc)
         finally:
             if not relaying:
                 self._end()
+
+    def relayed(self):
+        """The engine is done (both directions): end the session, or wake the TLS client's greenlet."""
+        if self._relayed is not None:
+            self._relayed.set()
+        else:
+            self._end()
 
     def _end(self):
         self._finish()
@@ -215,6 +221,8 @@ class ClientSession:
         if self.client is None or self.closing.outcome is not None:
             return
         legs = (self.client, self.backend_leg)
+        for leg in legs:
+            leg.stamp_activity(now)
         # A leg blocked in a send is streaming, not idle: send_timeout judges it (1008, slow reader).
         if idle_timeout and now - max(leg.last_activity for leg in legs) > idle_timeout \
                 and not any(leg.ws.sending for leg in legs):

@@ -18,15 +18,10 @@ class StatusEndpoint:
         self.balancer = balancer
 
     def __call__(self, environ, start_response):
-        balancer = self.balancer
-        refusal = operator_refusal(balancer, environ)
-        if refusal is not None:
-            start_response(refusal.status, refusal.headers)
-            return [refusal.body]
-        if environ.get("REQUEST_METHOD") != "GET":
-            return json_response(start_response, Status.METHOD_NOT_ALLOWED, {"error": "use GET"},
-                                 [("Allow", "GET")])
-        return json_response(start_response, Status.OK, snapshot(balancer))
+        refused = refuse_operator_read(self.balancer, environ, start_response)
+        if refused is not None:
+            return refused
+        return json_response(start_response, Status.OK, snapshot(self.balancer))
 
 
 def operator_refusal(balancer, environ):
@@ -35,6 +30,21 @@ def operator_refusal(balancer, environ):
     The rule is the control channel's: a peer inside ``[backends] allow``, or the bearer token.
     """
     return authorize(balancer.settings.backends, environ.get("REMOTE_ADDR", ""), environ.get("HTTP_AUTHORIZATION"))
+
+
+def refuse_operator_read(balancer, environ, start_response):
+    """The answer for a peer that may not read operator views, or for a method but GET or HEAD; else None.
+
+    A HEAD is answered like a GET: the HTTP server sends the head without the body.
+    """
+    refusal = operator_refusal(balancer, environ)
+    if refusal is not None:
+        start_response(refusal.status, refusal.headers)
+        return [refusal.body]
+    if environ.get("REQUEST_METHOD") not in ("GET", "HEAD"):
+        return json_response(start_response, Status.METHOD_NOT_ALLOWED, {"error": "use GET"},
+                             [("Allow", "GET, HEAD")])
+    return None
 
 
 def snapshot(balancer):

@@ -55,6 +55,7 @@ from glb.frames import (
     parse_close_payload,
 )
 from glb.handshake import accept_key
+from glb.lean_socket import LeanSocket
 
 log = logging.getLogger(__name__)
 
@@ -163,10 +164,6 @@ class WebSocket:
         lock = self._write_lock
         return lock is not None and lock.locked()
 
-    @property
-    def max_message_size(self):
-        return self._reader.max_message_size
-
     # -- receiving ---------------------------------------------------------
 
     def receive(self):
@@ -270,8 +267,18 @@ class WebSocket:
         self._lost("connection closed without a close frame")
 
     def take_unread(self):
-        """Bytes received but not yet parsed (``initial`` included), for a caller switching to raw relaying."""
-        return self._reader.take_unread()
+        """Hand the received stream over: bytes not yet parsed (``initial`` included) are returned,
+        and this WebSocket parses nothing more (its frame reader is let go: a relay reading raw
+        from here on keeps none per session). ValueError in the middle of a frame or message."""
+        data = self._reader.take_unread()
+        self._reader = None
+        return data
+
+    def shed_watchers(self):
+        """Hold the socket as a ``LeanSocket`` (plain sockets only): no io watcher is kept for it
+        while nobody waits on it, for a session whose reads the relay engine watches itself."""
+        if self._plain and not isinstance(self._sock, LeanSocket):
+            self._sock = LeanSocket.take_over(self._sock)
 
     # -- sending -----------------------------------------------------------
 
@@ -324,10 +331,13 @@ class WebSocket:
         buffer is full; a failure is left for the next blocking send to report.
         For the relay engine's fast path, which runs in the hub.
         """
-        if self._close_sent or self._sock_closed or not self._plain or self._send_waiting():
+        if self._close_sent or self._sock_closed or not self._plain:
+            return 0
+        lock = self._write_lock
+        if lock is not None and lock.locked():
             return 0
         try:
-            return self._sock._sock.send(data)  # the OS socket under gevent's: no wait, no switch
+            return self._sock._sock.send(data)  # the OS socket itself: no wait, no switch
         except OSError:
             return 0
 
@@ -524,7 +534,10 @@ def wait_readable(sock):
     EAGAIN before gevent waits; waiting first saves that syscall per message.
     Uses the socket's own read watcher (gevent internals, checked at import).
     """
-    sock._wait(sock._read_event)
+    if isinstance(sock, LeanSocket):
+        sock.wait_readable()
+    else:
+        sock._wait(sock._read_event)
 
 
 def _control_payload(payload):

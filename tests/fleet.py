@@ -8,6 +8,7 @@ Every close is recorded with the time it came, its code and reason and the
 backend it ended. Used by the tests and by ``bench/pool_bench.py``.
 """
 
+import contextlib
 import random
 import time
 
@@ -15,11 +16,41 @@ import gevent
 from gevent.event import Event
 from gevent.pool import Group
 
-from glb.demo_backend import WHOAMI
+from glb.demo_backend import WHOAMI, DemoBackend, lb_url_for
 from glb.errors import ConnectionClosed, HandshakeFailed
 from glb.websocket import connect
+from tests.support import Recorder, base_url
 
 RECONNECT_ON = frozenset({1011, 1012, 1014})
+
+
+@contextlib.contextmanager
+def demo_pool(balancer, guids, started=None, sessions=0, before_sessions=None):
+    """Demo backends ``guids`` registering with ``balancer``, the first ``started`` (all by default)
+    started and ready, then ``sessions`` fleet clients of ``/app``.
+
+    Yields (backends, fleet or None, recorder of server_ready and client_disconnect); stops
+    the fleet and every backend afterwards. ``before_sessions()`` runs between the two steps.
+    """
+    recorder = Recorder(balancer, "server_ready", "client_disconnect")
+    lb = lb_url_for(balancer.addresses[0])
+    backends = [DemoBackend(0, lb_urls=[lb], guid=guid) for guid in guids]
+    started = len(backends) if started is None else started
+    fleet = None
+    try:
+        for backend in backends[:started]:
+            backend.start()
+        recorder.wait("server_ready", started)
+        if before_sessions is not None:
+            before_sessions()
+        if sessions:
+            fleet = Fleet(base_url(balancer) + "/app", sessions).start()
+        yield backends, fleet, recorder
+    finally:
+        if fleet is not None:
+            fleet.stop()
+        for backend in backends:
+            backend.stop(timeout=1)
 
 
 class Close:

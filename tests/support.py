@@ -8,14 +8,19 @@ import socket
 import struct
 import sys
 import time
+import urllib.request
 
 import gevent
+import gevent.event
 import gevent.queue
 import gevent.subprocess
 import websocket  # websocket-client
+from prometheus_client.parser import text_string_to_metric_families
 
 from glb import config
 from glb.server import Balancer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def make_settings(**sections):
@@ -157,7 +162,7 @@ class GlbProcess:
     previous wait that matches, or fails after ``timeout`` seconds.
     """
 
-    ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    ROOT = ROOT
 
     def __init__(self, config_path, env=None, pass_fds=(), argv=None):
         full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
@@ -208,6 +213,29 @@ class GlbProcess:
                 self.proc.kill()
                 self.proc.wait()
             self._reader.join(timeout=5)
+
+
+def shipped_config(tmp_path):
+    """The shipped conf/lb.ini, written to ``tmp_path`` listening on a free port instead of 8080."""
+    with open(os.path.join(GlbProcess.ROOT, "conf", "lb.ini"), encoding="utf-8") as shipped:
+        text = shipped.read()
+    assert "listen = 127.0.0.1:8080" in text
+    path = tmp_path / "lb.ini"
+    path.write_text(text.replace("listen = 127.0.0.1:8080", "listen = 127.0.0.1:0"))
+    return path
+
+
+@contextlib.contextmanager
+def shipped_glb(tmp_path, backends=2):
+    """``python -m glb`` with the shipped config; yields the GlbProcess once its demo backends are ready."""
+    glb = GlbProcess(shipped_config(tmp_path))
+    try:
+        registered = r"ready: .*glb\.control|glb\.control.*ready:"
+        while sum(bool(re.search(registered, line)) for line in glb.lines) < backends:
+            glb.wait_for(registered)
+        yield glb
+    finally:
+        glb.stop()
 
 
 class Traffic:
@@ -289,3 +317,74 @@ class Connector:
 
     def stop(self):
         self.greenlet.kill()
+
+
+# -- waiting and counting --------------------------------------------------------------------------
+
+class Recorder:
+    """Records events in firing order; ``wait`` blocks (bounded) until enough have fired."""
+
+    def __init__(self, balancer, *names):
+        self.events = []
+        self._changed = gevent.event.Event()
+        for name in names:
+            balancer.bus.add_handler(name, self._record, origin="test")
+
+    def _record(self, event):
+        self.events.append(event)
+        self._changed.set()
+
+    def of(self, name, match=None):
+        return [e for e in self.events if e.name == name and (match is None or match(e))]
+
+    def wait(self, name, count=1, timeout=5, match=None):
+        deadline = time.monotonic() + timeout
+        while True:
+            found = self.of(name, match)
+            if len(found) >= count:
+                return found
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"{count} {name} event(s) expected, got {len(found)}: {self.events}")
+            self._changed.clear()
+            self._changed.wait(remaining)
+
+    def names(self, conn=None):
+        return [e.name for e in self.events if conn is None or getattr(e, "connection", None) is conn]
+
+
+def scrape(glb, token=None):
+    """{(name, frozenset(labels.items())): value} of every sample glb exposes."""
+    request = urllib.request.Request(base_url(glb, "http") + "/glb/metrics")
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    with urllib.request.urlopen(request, timeout=5) as answer:
+        assert answer.headers["Content-Type"].startswith("text/plain; version=")
+        text = answer.read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return samples
+
+
+def value(samples, name, **labels):
+    return samples.get((name, frozenset(labels.items())))
+
+
+def wait_for(condition, timeout=5.0):
+    """Poll ``condition()`` until it is truthy (returned) or the deadline passes (AssertionError)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        gevent.sleep(0.02)
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

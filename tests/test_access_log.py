@@ -10,8 +10,8 @@ import pytest
 from glb.config import from_dict
 from glb.errors import ConfigError
 from tests.backends import ScriptedBackend, started
-from tests.support import base_url, running_glb, ws_connect
-from tests.test_metrics import scrape, value, wait_for
+from tests.support import base_url, Recorder, running_glb, scrape, value, wait_for, ws_connect
+from tests.control_peer import register
 
 ACCESS_LOG = ["glb.handlers.access_log"]
 
@@ -71,7 +71,6 @@ def test_text_lines_go_to_the_glb_access_logger(caplog):
 
 
 def test_a_control_channel_line_names_its_backend(caplog):
-    from tests.test_control import Recorder, register
 
     caplog.set_level(logging.INFO, logger="glb.access")
     with running_glb(handlers={"modules": ACCESS_LOG}) as glb:

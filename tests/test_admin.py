@@ -7,9 +7,8 @@ import requests
 
 from glb.demo_backend import DemoBackend, lb_url_for
 from glb.registry import DRAINING, READY
-from tests.fleet import Fleet
-from tests.support import base_url, running_glb
-from tests.test_control import Recorder
+from tests.fleet import Fleet, demo_pool
+from tests.support import base_url, Recorder, running_glb
 
 TOKEN = "s3cret-admin"
 
@@ -21,22 +20,8 @@ def admin_url(balancer, path):
 @contextlib.contextmanager
 def two_backends(sessions=0, **sections):
     with running_glb(**sections) as balancer:
-        recorder = Recorder(balancer, "server_ready", "client_disconnect")
-        lb = lb_url_for(balancer.addresses[0])
-        backends = [DemoBackend(0, lb_urls=[lb], guid=guid) for guid in ("blue", "green")]
-        for backend in backends:
-            backend.start()
-        fleet = None
-        try:
-            recorder.wait("server_ready", 2)
-            if sessions:
-                fleet = Fleet(base_url(balancer) + "/app", sessions).start()
+        with demo_pool(balancer, ["blue", "green"], sessions=sessions) as (backends, fleet, recorder):
             yield balancer, backends, fleet, recorder
-        finally:
-            if fleet is not None:
-                fleet.stop()
-            for backend in backends:
-                backend.stop(timeout=1)
 
 
 # -- who may call ----------------------------------------------------------------------------------

@@ -1,7 +1,6 @@
 """The backend agent against real glb instances: registration, client records, leaving, reconnecting."""
 
 import random
-import socket
 import time
 
 import gevent
@@ -14,14 +13,8 @@ from glb import control_records as records
 from glb.agent import Agent, Backoff, control_url
 from glb.control_records import RecordError
 from glb.errors import CloseCode
-from tests.support import base_url, running_glb
-from tests.test_control import Recorder, get_binding
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from tests.support import base_url, free_port, Recorder, running_glb
+from tests.control_peer import get_binding
 
 
 @pytest.fixture

@@ -27,9 +27,8 @@ from glb.demo_backend import DemoBackend
 from glb.errors import CloseCode
 from glb.frames import OP_BINARY, OP_CONTINUATION, OP_PING, encode_frame
 from tests.backends import ScriptedBackend, started
-from tests.support import base_url, running_glb, ws_connect
-from tests.test_agent import free_port
-from tests.test_control import Recorder, closed_with, open_channel, received, register
+from tests.support import base_url, free_port, Recorder, running_glb, ws_connect
+from tests.control_peer import closed_with, open_channel, received, register
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -9,7 +9,7 @@ import urllib.request
 
 import pytest
 
-from tests.support import recv_close, ws_connect
+from tests.support import recv_close, shipped_glb, ws_connect
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -93,38 +93,15 @@ def test_runs_logs_listener_and_stops_cleanly_on_sigterm(tmp_path):
 @pytest.mark.timeout(60)
 def test_shipped_config_runs_two_demo_backends_behind_glb(tmp_path):
     """conf/lb.ini as shipped, but on a free port: both demo backends answer through glb."""
-    shipped = open(os.path.join(ROOT, "conf", "lb.ini"), encoding="utf-8").read()
-    assert "listen = 127.0.0.1:8080" in shipped
-    path = tmp_path / "lb.ini"
-    path.write_text(shipped.replace("listen = 127.0.0.1:8080", "listen = 127.0.0.1:0"))
-    proc = subprocess.Popen([sys.executable, "-m", "glb", str(path)], cwd=ROOT,
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        port, ready = None, 0
-        for line in proc.stderr:
-            match = re.search(r"listening on http://127\.0\.0\.1:(\d+)", line)
-            if match:
-                port = int(match.group(1))
-            ready += "ready:" in line and "glb.control" in line
-            if ready == 2:
-                break
-        assert port and ready == 2
+    with shipped_glb(tmp_path) as glb:
         answered = set()
         for _ in range(40):  # least_connections with random ties: both answer well within 40 sessions
-            ws = ws_connect(f"ws://127.0.0.1:{port}/demo")
+            ws = ws_connect(f"{glb.url}/demo")
             ws.send("whoami")
             answered.add(ws.recv())
             ws.close()
             if len(answered) == 2:
                 break
         assert len(answered) == 2
-        page = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5).read()
+        page = urllib.request.urlopen(f"http://127.0.0.1:{glb.port}/", timeout=5).read()
         assert b"<title>glb demo" in page
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            proc.stderr.close()

@@ -1,7 +1,6 @@
 """The control channel and the binding endpoint, end to end on a real glb (raw control channels)."""
 
 import json
-import time
 
 import gevent
 import gevent.event
@@ -12,82 +11,8 @@ from glb import control_records as records
 from glb.control import SGC_BINDING_PATH, SGC_CONTROL_PATH, authorize
 from glb.errors import CloseCode, HandshakeFailed
 from glb.registry import READY
-from glb.websocket import connect
-from tests.support import base_url, running_glb, ws_connect
-
-
-# -- helpers shared with test_agent.py and test_demo_backend.py ------------------------------------
-
-class Recorder:
-    """Records events in firing order; ``wait`` blocks (bounded) until enough have fired."""
-
-    def __init__(self, balancer, *names):
-        self.events = []
-        self._changed = gevent.event.Event()
-        for name in names:
-            balancer.bus.add_handler(name, self._record, origin="test")
-
-    def _record(self, event):
-        self.events.append(event)
-        self._changed.set()
-
-    def of(self, name, match=None):
-        return [e for e in self.events if e.name == name and (match is None or match(e))]
-
-    def wait(self, name, count=1, timeout=5, match=None):
-        deadline = time.monotonic() + timeout
-        while True:
-            found = self.of(name, match)
-            if len(found) >= count:
-                return found
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise AssertionError(f"{count} {name} event(s) expected, got {len(found)}: {self.events}")
-            self._changed.clear()
-            self._changed.wait(remaining)
-
-    def names(self, conn=None):
-        return [e.name for e in self.events if conn is None or getattr(e, "connection", None) is conn]
-
-
-def control_url(balancer, path="/glb/control"):
-    return base_url(balancer) + path
-
-
-def open_channel(balancer, token=None, path="/glb/control"):
-    headers = [("Authorization", f"Bearer {token}")] if token else []
-    ws, _, _ = connect(control_url(balancer, path), headers=headers, timeout=5)
-    return ws
-
-
-def register(balancer, guid, port, recorder, host="127.0.0.1", clients=(), **extra):
-    """Open a raw control channel and register fully; returns it once server_ready fired."""
-    ws = open_channel(balancer)
-    ws.send(records.encode_server_data(guid, **extra))
-    ws.send(records.encode_binding(host, port))
-    for client in clients:
-        ws.send(records.encode_client(True, client))
-    ws.send(records.READY)
-    recorder.wait("server_ready", match=lambda e: e.backend.guid == guid)
-    return ws
-
-
-def received(ws, timeout=5):
-    """The next message on a client WebSocket, failing the test instead of hanging."""
-    with gevent.Timeout(timeout, AssertionError("nothing received")):
-        return ws.receive()
-
-
-def closed_with(ws, timeout=5):
-    """Receive until glb closes the channel; (code, reason)."""
-    with gevent.Timeout(timeout):
-        while ws.receive() is not None:
-            pass
-    return ws.close_code, ws.close_reason
-
-
-def get_binding(balancer, path=SGC_BINDING_PATH):
-    return requests.get(base_url(balancer, "http") + path, timeout=5)
+from tests.support import base_url, Recorder, running_glb, ws_connect
+from tests.control_peer import closed_with, get_binding, open_channel, received, register
 
 
 ALL_CHANNEL_EVENTS = ("connect", "server_connect", "server_ready", "server_disconnect", "disconnect",
@@ -536,6 +461,7 @@ def test_bindings_beyond_max_bindings_close_the_channel_with_1008():
             ws.send(records.encode_binding("127.0.0.1", port))
         code, reason = closed_with(ws)
         assert code == CloseCode.POLICY_VIOLATION and "max_bindings" in reason
+        assert "max_bindings" in seen.wait("error")[0].error
         assert glb.registry.get("b1") is None
 
 

@@ -13,9 +13,8 @@ import requests
 from glb import control_records as records
 from glb.demo_backend import DemoBackend, DemoFleet, lb_url_for
 from glb.errors import CloseCode
-from tests.support import base_url, recv_close, running_glb, ws_connect
-from tests.test_agent import free_port
-from tests.test_control import Recorder, get_binding
+from tests.support import base_url, free_port, Recorder, recv_close, running_glb, ws_connect
+from tests.control_peer import get_binding
 
 ROOT = Path(__file__).resolve().parent.parent
 

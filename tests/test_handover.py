@@ -15,10 +15,10 @@ from glb.agent import Agent
 from glb.listeners import InheritedListeners
 from glb.server import Balancer
 from tests.backends import ScriptedBackend, started
+from tests.pki import Pki
 from tests.support import (
     Connector, GlbProcess, Traffic, make_settings, open_session_pid as open_session, recv_close, ws_connect,
 )
-from tests.test_tls import Pki
 
 
 # -- inherited listeners and notifications (no glb process) ----------------------------------------

@@ -14,9 +14,8 @@ from glb.health import RiseFall, parse_check
 from glb.registry import DOWN, UP, Registry
 from tests.backends import started
 from tests.fleet import Fleet
-from tests.support import base_url, running_glb
-from tests.test_control import Recorder, open_channel
-from tests.test_metrics import scrape, value
+from tests.support import base_url, Recorder, running_glb, scrape, value
+from tests.control_peer import open_channel
 
 # -- socket-free -----------------------------------------------------------------------------------
 

@@ -1,52 +1,19 @@
 """GET /glb/metrics: what real clients did through a real glb, counted exactly, in both relay modes."""
 
 import os
-import time
 import urllib.error
 import urllib.request
 
-import gevent
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from glb.metrics import METRICS, render_names
 from glb.stats import Histogram
 from tests.backends import ScriptedBackend, started
-from tests.support import RawClient, base_url, running_glb, ws_connect
+from tests.support import base_url, RawClient, Recorder, running_glb, scrape, value, wait_for, ws_connect
+from tests.control_peer import received, register
 
 K = 25  # messages each way per test
 PAYLOAD = "m" * 40  # one short frame: 2 header bytes (+4 mask from a client)
-
-
-def scrape(glb, token=None):
-    """{(name, frozenset(labels.items())): value} of every sample glb exposes."""
-    request = urllib.request.Request(base_url(glb, "http") + "/glb/metrics")
-    if token:
-        request.add_header("Authorization", f"Bearer {token}")
-    with urllib.request.urlopen(request, timeout=5) as answer:
-        assert answer.headers["Content-Type"].startswith("text/plain; version=")
-        text = answer.read().decode()
-    samples = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
-    return samples
-
-
-def value(samples, name, **labels):
-    return samples.get((name, frozenset(labels.items())))
-
-
-def wait_for(condition, timeout=5.0):
-    """Poll ``condition()`` until it is truthy (returned) or the deadline passes (AssertionError)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        gevent.sleep(0.02)
 
 
 def echo_k_messages(glb):
@@ -158,7 +125,6 @@ def test_connections_refused_by_a_limit_are_counted():
 
 def test_broadcast_envelopes_are_counted():
     from glb import control_records as records
-    from tests.test_control import Recorder, received, register
 
     with running_glb() as glb:
         seen = Recorder(glb, "server_ready")

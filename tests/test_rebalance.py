@@ -5,12 +5,10 @@ import contextlib
 import pytest
 import requests
 
-from glb.demo_backend import DemoBackend, lb_url_for
+from glb.demo_backend import DemoBackend
 from glb.rebalance import choose_sessions, next_eligible, plan_moves
-from tests.fleet import Fleet
-from tests.support import base_url, running_glb
-from tests.test_control import Recorder
-from tests.test_metrics import scrape, value
+from tests.fleet import Fleet, demo_pool
+from tests.support import base_url, Recorder, running_glb, scrape, value
 
 # -- plan_moves: how many sessions leave each backend ---------------------------------------------
 
@@ -68,24 +66,14 @@ SESSIONS = 40
 
 @contextlib.contextmanager
 def pool_of_three(rebalance):
+    """Three of four demo backends ready, then SESSIONS clients; the fourth is for the test to start."""
     with running_glb(glb={"rebalance": rebalance, "rebalance_cooldown": 0, "rebalance_rate": 200,
                           "rebalance_threshold": 0.1}) as balancer:
-        recorder = Recorder(balancer, "server_ready", "client_disconnect")
-        lb = lb_url_for(balancer.addresses[0])
-        backends = [DemoBackend(0, lb_urls=[lb], guid=f"b{i}") for i in range(1, 5)]
-        for backend in backends[:3]:
-            backend.start()
-        fleet = None
-        try:
-            recorder.wait("server_ready", 3)
+        def settled():
             assert balancer.rebalancer.idle.wait(5)  # the look the three asked for is over
-            fleet = Fleet(base_url(balancer) + "/app", SESSIONS).start()
+        with demo_pool(balancer, ["b1", "b2", "b3", "b4"], started=3, sessions=SESSIONS,
+                       before_sessions=settled) as (backends, fleet, recorder):
             yield balancer, backends, fleet, recorder
-        finally:
-            if fleet is not None:
-                fleet.stop()
-            for backend in backends:
-                backend.stop(timeout=1)
 
 
 def relayed(balancer):

@@ -23,7 +23,7 @@ from glb.registry import DRAINING, READY, Registry
 from glb.server import Balancer
 from tests.backends import ScriptedBackend, started
 from tests.support import GlbProcess, Traffic, make_settings, ws_connect
-from tests.test_tls import Pki
+from tests.pki import Pki
 
 
 # -- the diff (no sockets) -------------------------------------------------------------------------

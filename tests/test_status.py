@@ -1,13 +1,14 @@
 """GET /glb/status: what glb holds, for operators; only for peers allowed to run backends."""
 
 import json
+import re
 import urllib.error
 import urllib.request
 
 import pytest
 
 from tests.backends import ScriptedBackend, started
-from tests.support import base_url, running_glb, ws_connect
+from tests.support import base_url, raw_http, running_glb, ws_connect
 
 
 def get(balancer, token=None):
@@ -42,3 +43,24 @@ def test_status_is_refused_outside_the_allow_list_without_the_token():
         assert refused.value.code == 401
         status, body = get(glb, token="s3cret")
         assert status == 200 and body["backends"] == []
+
+
+@pytest.mark.parametrize("path", ["/glb/status", "/glb/metrics", "/glb/"])
+def test_operator_views_answer_head_like_get_and_refuse_other_methods(path):
+    with running_glb() as glb:
+        address = glb.addresses[0]
+        got = raw_http(address, f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        head, _, body = got.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200") and body
+        length = re.search(rb"(?im)^content-length: *(\d+)", head).group(1)
+        headed = raw_http(address, f"HEAD {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        head_only, _, nothing = headed.partition(b"\r\n\r\n")
+        assert head_only.startswith(b"HTTP/1.1 200") and nothing == b""
+        # the metrics body changes as it is read (request counts), the others do not
+        if path != "/glb/metrics":
+            assert re.search(rb"(?im)^content-length: *(\d+)", head_only).group(1) == length
+        else:
+            assert int(re.search(rb"(?im)^content-length: *(\d+)", head_only).group(1)) > 0
+        posted = raw_http(address, f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n"
+                                   "Connection: close\r\n\r\n".encode())
+        assert posted.startswith(b"HTTP/1.1 405") and re.search(rb"(?im)^allow: GET, HEAD\r$", posted)

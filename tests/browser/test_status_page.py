@@ -6,11 +6,7 @@ backends included), on a free port. The screenshot is kept in ``artifacts/``.
 """
 
 import os
-import re
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 
@@ -22,7 +18,7 @@ from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
-from tests.support import ws_connect  # noqa: E402
+from tests.support import shipped_glb, ws_connect  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ARTIFACTS = os.path.join(ROOT, "artifacts")
@@ -32,31 +28,10 @@ SESSIONS = 6
 
 
 @pytest.fixture
-def shipped_glb(tmp_path):
-    """``python -m glb`` with conf/lb.ini on a free port; yields the port once both demo backends are ready."""
-    shipped = open(os.path.join(ROOT, "conf", "lb.ini"), encoding="utf-8").read()
-    path = tmp_path / "lb.ini"
-    path.write_text(shipped.replace("listen = 127.0.0.1:8080", "listen = 127.0.0.1:0"))
-    proc = subprocess.Popen([sys.executable, "-m", "glb", str(path)], cwd=ROOT, stderr=subprocess.PIPE, text=True)
-    try:
-        port, ready = None, 0
-        for line in proc.stderr:
-            match = re.search(r"listening on http://127\.0\.0\.1:(\d+)", line)
-            if match:
-                port = int(match.group(1))
-            ready += "ready:" in line and "glb.control" in line
-            if ready == 2:
-                break
-        assert port and ready == 2
-        yield port
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            proc.stderr.close()
+def shipped_port(tmp_path):
+    """``python -m glb`` with conf/lb.ini on a free port, once both demo backends are ready."""
+    with shipped_glb(tmp_path) as glb:
+        yield glb.port
 
 
 @pytest.fixture
@@ -84,8 +59,8 @@ def cell(driver, backend, name):
 
 
 @pytest.mark.timeout(120)
-def test_status_page_shows_both_demo_backends_and_live_numbers(shipped_glb, browser):
-    port = shipped_glb
+def test_status_page_shows_both_demo_backends_and_live_numbers(shipped_port, browser):
+    port = shipped_port
     browser.get(f"http://127.0.0.1:{port}/glb/")
     wait = WebDriverWait(browser, 20)
     wait.until(lambda d: d.find_element(By.ID, "link").text == "live")
