@@ -65,6 +65,7 @@ class ClientConnection:
             self._serve()
         finally:
             clients.discard(self)
+            self.io.close()
 
     def _serve(self):
         first = True
@@ -187,6 +188,7 @@ class ClientConnection:
     # -- WebSocket upgrades --------------------------------------------------------------------
 
     def upgrade(self, head):
+        self.io.close()  # the WebSocket side reads the socket from here on
         request = UpgradeRequest(self, head)
         self.balancer.handle_upgrade(request)
         self.taken = request.socket is None
