@@ -119,6 +119,10 @@ class Framing:
         return self.chunked or bool(self.length)
 
 
+_NO_FRAMING = Framing()  # shared: a Framing is never changed once made
+_NO_BODY = Framing(length=0)
+
+
 # Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus the
 # proxy ones; a proxy never forwards them. Names listed in Connection join them.
 HOP_BY_HOP = frozenset({
@@ -227,7 +231,7 @@ def _framing(found):
         if not lengths[0].isdigit() or len(lengths[0]) > 18:
             raise HeadError("Content-Length is not a number")
         return Framing(length=int(lengths[0]))
-    return Framing()
+    return _NO_FRAMING
 
 
 def _keep_alive(version, connection):
@@ -359,7 +363,7 @@ def parse_response_head(reader, request_method):
     head.verbatim = not connection or connection <= _PLAIN_CONNECTION
     head.keep_alive = _keep_alive(version, connection)
     if request_method == "HEAD" or status < 200 or status in NO_BODY_STATUSES:
-        framing = Framing(length=0)
+        framing = _NO_BODY
     elif not framing.chunked and framing.length is None:
         head.keep_alive = False  # delimited by the backend closing the connection
     head.framing = framing
