@@ -319,6 +319,9 @@ class FrameReader(_MessageSequence):
         return data
 
 
+_NO_PAYLOAD = bytearray()  # FrameScanner._control_payload while no control frame is collected (never written to)
+
+
 class FrameScanner(_MessageSequence):
     """Follows frame boundaries in a relayed byte stream without copying payloads.
 
@@ -339,7 +342,7 @@ class FrameScanner(_MessageSequence):
         self._skip = 0  # bytes of the current data frame still to pass by
         self._head = b""  # start of a header cut by a chunk boundary
         self._control = None  # header of the control frame being collected
-        self._control_payload = None  # its payload so far (a bytearray while one is collected)
+        self._control_payload: bytearray = _NO_PAYLOAD  # its payload so far, while one is collected
         self._pending_start = 0  # stream position of a frame begun in an earlier chunk
         self._position = 0  # stream position of the next chunk's first byte
         self.close_seen = False
@@ -453,7 +456,7 @@ class FrameScanner(_MessageSequence):
             if len(payload) < header.length:
                 return take, None
             self._control = None
-            self._control_payload = None
+            self._control_payload = _NO_PAYLOAD
             return take, self._control_note(header, payload, take)
         head = self._head
         joined = head + bytes(chunk[:14])
