@@ -13,7 +13,6 @@ import time
 from gevent.event import Event
 
 from glb.closing import LegClose
-from glb.engine import on_readable
 from glb.errors import ConnectionClosed
 from glb.frames import OP_CLOSE, encode_close_payload, encode_frame
 
@@ -74,9 +73,6 @@ class Leg(LegClose):
     def sock(self):
         return self.ws.sock
 
-    # The relay engine's io watcher callback: this peer's socket is readable. The leg itself is
-    # the callback, so a watcher holds no bound method or argument tuple per leg while idle.
-    __call__ = on_readable
 
     def stamp_activity(self, now):
         """The keep-alive sweep at ``now``: activity flagged since the last sweep counts as at ``now``."""
