@@ -144,7 +144,8 @@ def measure(name, port, pids, seconds, connections):
     done, took, errors = wrk(port, seconds, connections)
     user, system = (a - b for a, b in zip(tree_cpu(pids), before))
     return {"name": name, "rps": done / took, "done": done, "errors": errors,
-            "cpu_us": (user + system) / max(done, 1) * 1e6 if pids else None}
+            "cpu_us": (user + system) / max(done, 1) * 1e6 if pids else None,
+            "user_us": user / max(done, 1) * 1e6, "sys_us": system / max(done, 1) * 1e6}
 
 
 def main(argv=None):
@@ -184,11 +185,14 @@ def main(argv=None):
         rows = [measure(name, port, pids, args.seconds, args.connections) for name, port, pids in targets]
         nginx_cpu = next(row["cpu_us"] for row in rows if row["name"] == "nginx proxy")
         nginx_rps = next(row["rps"] for row in rows if row["name"] == "nginx proxy")
-        print(f"{'target':<24}{'req/s':>10}{'CPU us/req':>12}{'x nginx CPU':>13}{'% nginx req/s':>15}{'errors':>8}")
+        print(f"{'target':<24}{'req/s':>10}{'CPU us/req':>12}{'(user':>7}{'+ sys)':>8}{'x nginx CPU':>13}"
+          f"{'% nginx req/s':>15}{'errors':>8}")
         for row in rows:
             cpu = f"{row['cpu_us']:.1f}" if row["cpu_us"] is not None else "-"
+            split = (f"{row['user_us']:>7.1f}{row['sys_us']:>8.1f}" if row["cpu_us"] is not None
+                     else f"{'-':>7}{'-':>8}")
             ratio = f"{row['cpu_us'] / nginx_cpu:.1f}" if row["cpu_us"] is not None else "-"
-            print(f"{row['name']:<24}{row['rps']:>10.0f}{cpu:>12}{ratio:>13}"
+            print(f"{row['name']:<24}{row['rps']:>10.0f}{cpu:>12}{split}{ratio:>13}"
                   f"{row['rps'] / nginx_rps * 100:>14.0f}%{row['errors']:>8}")
         return 0 if not any(row["errors"] for row in rows) else 1
     finally:

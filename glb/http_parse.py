@@ -47,42 +47,30 @@ class HeadError(Exception):
 # --------------------------------------------------------------------------- heads
 
 
-class _Collector:
-    """httptools callbacks: the target (or status text) and the header pairs, as bytes."""
+class _ChecksOnly:
+    """httptools wants a protocol object; glb reads the head's bytes itself, so llhttp only checks them."""
 
-    __slots__ = ("url", "reason", "headers", "complete")
+    __slots__ = ()
 
-    def __init__(self):
-        self.url = b""
-        self.reason = b""
-        self.headers = []
-        self.complete = False
 
-    def on_url(self, url):
-        self.url += url
-
-    def on_status(self, reason):
-        self.reason += reason
-
-    def on_header(self, name, value):
-        self.headers.append((name, value))
-
-    def on_headers_complete(self):
-        self.complete = True
+_CHECKS_ONLY = _ChecksOnly()
 
 
 class HeadReader:
     """Finds one head in a growing buffer and feeds llhttp as bytes arrive, so garbage fails early.
 
     ``feed(buffer)`` returns the head's length (through the blank line) once it is
-    complete, else None; ``buffer`` is the caller's bytearray, not consumed here.
+    complete, else None; ``buffer`` (bytes or the caller's bytearray) is not
+    consumed here. ``head`` is then the head's bytes.
     """
 
+    __slots__ = ("parser", "max_size", "fed", "head")
+
     def __init__(self, response=False, max_size=16384):
-        self.collector = _Collector()
-        self.parser = (httptools.HttpResponseParser if response else httptools.HttpRequestParser)(self.collector)
+        self.parser = (httptools.HttpResponseParser if response else httptools.HttpRequestParser)(_CHECKS_ONLY)
         self.max_size = max_size
         self.fed = 0
+        self.head = b""
 
     def feed(self, buffer):
         end = buffer.find(_HEAD_END, max(0, self.fed - 3))
@@ -91,17 +79,19 @@ class HeadReader:
             if buffer.find(b"\r\n", 0, self.max_size) < 0:
                 raise HeadError("request line longer than [http] max_head_size", Status.URI_TOO_LONG)
             raise HeadError("head larger than [http] max_head_size", Status.HEADERS_TOO_LARGE)
+        if end >= 0:
+            self.head = head = bytes(buffer[:stop])
+            if head.count(b"\r\n") - 2 > MAX_HEADERS:
+                raise HeadError(f"more than {MAX_HEADERS} header fields", Status.HEADERS_TOO_LARGE)
         if stop > self.fed:
             try:
-                self.parser.feed_data(bytes(buffer[self.fed:stop]))
+                self.parser.feed_data(self.head[self.fed:] if end >= 0 and self.fed else
+                                      self.head if end >= 0 else bytes(buffer[self.fed:stop]))
             except httptools.HttpParserUpgrade:
                 pass  # llhttp stops at an upgrade's blank line: the head is complete all the same
             except httptools.HttpParserError as exc:
                 raise HeadError(f"malformed head: {exc}") from None
             self.fed = stop
-            if len(self.collector.headers) > MAX_HEADERS:
-                raise HeadError(f"more than {MAX_HEADERS} header fields",
-                                Status.HEADERS_TOO_LARGE)
         return stop if end >= 0 else None
 
 
@@ -124,12 +114,21 @@ HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "te", "trailer", "trailers", "transfer-encoding", "upgrade",
     "proxy-connection", "proxy-authenticate", "proxy-authorization",
 })
-_HOP = 1  # codes for the header names the one pass over a head looks at
-_LENGTH, _CODING, _HOST, _CONNECTION, _UPGRADE, _EXPECT = range(2, 8)
-_NAME_CODES = dict.fromkeys((name.encode() for name in HOP_BY_HOP), _HOP)
-_NAME_CODES.update({b"content-length": _LENGTH, b"transfer-encoding": _CODING, b"host": _HOST,
-                    b"connection": _CONNECTION, b"upgrade": _UPGRADE, b"expect": _EXPECT})
-_WHITESPACE_END = (b" ", b"\t")
+
+# The header fields glb looks at, found by one search over a head's bytes (llhttp
+# has checked them already, so every field line is ``\r\nname:OWS value OWS``),
+# each with a code. Every other field is passed on as it came.
+HOP = 1  # hop-by-hop (HOP_BY_HOP but the codes below)
+LENGTH, CODING, HOST, CONNECTION, UPGRADE, EXPECT, PROXY, FORWARDED, FORWARDED_FOR = range(2, 11)
+_FIELD_CODES = dict.fromkeys((name.encode() for name in HOP_BY_HOP), HOP)
+_FIELD_CODES.update({b"content-length": LENGTH, b"transfer-encoding": CODING, b"host": HOST,
+                     b"connection": CONNECTION, b"upgrade": UPGRADE, b"expect": EXPECT,
+                     b"x-forwarded-proto": FORWARDED, b"x-forwarded-host": FORWARDED,
+                     b"x-forwarded-for": FORWARDED_FOR})
+_FIELD = re.compile(rb"\r\n(" + b"|".join(re.escape(name) for name in sorted(_FIELD_CODES, key=len, reverse=True))
+                    + rb"|proxy-[^:]*):[ \t]*([^\r]*)", re.IGNORECASE)
+RESPONSE_DROP = frozenset({HOP, CODING, CONNECTION, UPGRADE})  # codes a response loses on its way
+_OWS = b" \t"
 
 
 def decode_pairs(raw):
@@ -137,67 +136,57 @@ def decode_pairs(raw):
     return [(name.decode("latin-1"), value.decode("latin-1")) for name, value in raw]
 
 
-class _Scan:
-    """What one pass over a head's header fields found."""
+def _fields(data, line_end):
+    """``(code, start, end, value)`` of each field of the head ``data`` that glb looks at.
 
-    __slots__ = ("kept", "framing", "hosts", "connection", "upgrade", "expect")
-
-
-def _scan(raw_headers, drop_hop_by_hop=False):
-    """One pass, bytes only: the pairs kept (values without trailing whitespace) and the framing.
-
-    llhttp has already refused names that are not tokens and values with control
-    characters; what is left is framing (one length or one ``chunked``, never both)
-    and, for a response, dropping hop-by-hop headers in the same pass.
+    ``start:end`` spans the field's line without its CRLF (it starts with the
+    CRLF before it); ``value`` has no surrounding whitespace.
     """
-    kept = []
-    lengths, codings, hosts, connection, upgrade, expect = [], [], 0, set(), b"", b""
-    codes = _NAME_CODES
-    for pair in raw_headers:
-        value = pair[1]
-        if value[-1:] in _WHITESPACE_END:
-            value = value.rstrip(b" \t")
-            pair = (pair[0], value)
-        code = codes.get(pair[0].lower())
-        if code is not None:
-            if code == _LENGTH:
-                lengths.append(value)
-            elif code == _CODING:
-                codings.append(value)
-                code = _HOP
-            elif code == _HOST:
-                hosts += 1
-            elif code == _CONNECTION:
-                for token in value.split(b","):
-                    connection.add(token.strip().lower())
-                code = _HOP
-            elif code == _UPGRADE:
-                upgrade = value.strip().lower()
-                code = _HOP
-            elif code == _EXPECT:
-                expect = value.strip().lower()
-            if drop_hop_by_hop and code == _HOP:
-                continue
-        kept.append(pair)
-    if drop_hop_by_hop and connection and not connection <= {b"close", b"keep-alive"}:
-        kept = [pair for pair in kept if pair[0].lower() not in connection]
-    framing = Framing()
+    found = []
+    for match in _FIELD.finditer(data, line_end, len(data) - 2):
+        name = match.group(1).lower()
+        code = _FIELD_CODES.get(name, PROXY)
+        found.append((code, match.start(), match.end(), match.group(2).rstrip(_OWS)))
+    return found
+
+
+def _pairs(data, line_end):
+    """Every field of the head ``data`` as ``(name, value)`` byte pairs, in order."""
+    pairs = []
+    if len(data) - 4 > line_end:
+        for line in data[line_end + 2:len(data) - 4].split(b"\r\n"):
+            name, _, value = line.partition(b":")
+            pairs.append((name, value.strip(_OWS)))
+    return pairs
+
+
+def _framing(fields):
+    """The Framing the fields declare: one length or one ``chunked``, never both (HeadError otherwise)."""
+    lengths = [value for code, _, _, value in fields if code == LENGTH]
+    codings = [value for code, _, _, value in fields if code == CODING]
     if codings:
         if lengths:
             raise HeadError("Content-Length beside Transfer-Encoding")
         if len(codings) > 1 or codings[0].lower() != b"chunked":
             raise HeadError("Transfer-Encoding other than one 'chunked'")
-        framing.chunked = True
-    elif lengths:
+        return Framing(chunked=True)
+    if lengths:
         if len(lengths) > 1:
             raise HeadError("more than one Content-Length")
         if not lengths[0].isdigit() or len(lengths[0]) > 18:
             raise HeadError("Content-Length is not a number")
-        framing.length = int(lengths[0])
-    scan = _Scan()
-    scan.kept, scan.framing, scan.hosts, scan.connection, scan.upgrade, scan.expect = (
-        kept, framing, hosts, connection, upgrade, expect)
-    return scan
+        return Framing(length=int(lengths[0]))
+    return Framing()
+
+
+def _connection_tokens(fields):
+    """The lower-case tokens of every Connection field."""
+    tokens = set()
+    for code, _, _, value in fields:
+        if code == CONNECTION:
+            for token in value.split(b","):
+                tokens.add(token.strip(_OWS).lower())
+    return tokens
 
 
 def _keep_alive(version, connection):
@@ -207,10 +196,24 @@ def _keep_alive(version, connection):
     return version == "1.1" or b"keep-alive" in connection
 
 
+_PLAIN_CONNECTION = frozenset({b"close", b"keep-alive"})
+
+
 class _Head:
-    """``raw_headers`` as received (bytes pairs); ``headers`` the same decoded, made on first use."""
+    """A head as received: ``data`` its bytes, ``fields`` those glb looks at (see ``_fields``).
+
+    ``raw_headers`` (byte pairs) and ``headers`` (str pairs) are made from ``data``
+    on first use. ``verbatim``: the fields may be passed on as the bytes they came
+    in (no name listed in Connection to remove, no target rewritten).
+    """
 
     __slots__ = ()
+
+    @property
+    def raw_headers(self):
+        if self._raw is None:
+            self._raw = self._make_pairs()
+        return self._raw
 
     @property
     def headers(self):
@@ -222,8 +225,11 @@ class _Head:
 class RequestHead(_Head):
     """One parsed request head: what the rest of glb reads."""
 
-    __slots__ = ("method", "target", "path", "query", "version", "raw_headers", "_headers", "framing",
-                 "keep_alive", "expect_continue", "upgrade", "connection")
+    __slots__ = ("method", "target", "path", "query", "version", "data", "line_end", "fields", "host", "_raw",
+                 "_headers", "framing", "keep_alive", "expect_continue", "upgrade", "connection", "verbatim")
+
+    def _make_pairs(self):
+        return _pairs(self.data, self.line_end)
 
     def __repr__(self):
         return f"<RequestHead {self.method} {self.target} HTTP/{self.version}>"
@@ -231,71 +237,113 @@ class RequestHead(_Head):
 
 def parse_request_head(reader):
     """The RequestHead from a HeadReader whose ``feed`` returned a length; raises HeadError."""
-    collector, parser = reader.collector, reader.parser
+    parser = reader.parser
     version = parser.get_http_version()
     if version not in ("1.1", "1.0"):
         raise HeadError(f"HTTP/{version} is not supported", Status.VERSION_NOT_SUPPORTED)
     head = RequestHead()
-    head.method = parser.get_method().decode("ascii")
-    if head.method == "CONNECT":
+    data = head.data = reader.head
+    method = head.method = parser.get_method().decode("ascii")
+    if method == "CONNECT":
         raise HeadError("CONNECT is not supported", Status.METHOD_NOT_ALLOWED)
-    scan = _scan(collector.headers)
-    raw, hosts = scan.kept, scan.hosts
-    target = collector.url.decode("latin-1")
+    line_end = head.line_end = data.find(b"\r\n")
+    fields = head.fields = _fields(data, line_end)
+    hosts = [value for code, _, _, value in fields if code == HOST]
+    head.host = hosts[0] if hosts else None
+    head._raw = None
+    head.verbatim = True
+    target = data[len(method) + 1:data.rfind(b" ", 0, line_end)].decode("latin-1")
     if not target.startswith("/"):
-        if target == "*" and head.method == "OPTIONS":
+        if target == "*" and method == "OPTIONS":
             pass
         elif target.lower().startswith(("http://", "https://")):
             authority, _, rest = target.split("://", 1)[1].partition("/")
             target = "/" + rest
-            raw = [pair for pair in raw if pair[0].lower() != b"host"] + [(b"Host", authority.encode("latin-1"))]
-            hosts = 1
+            head._raw = [pair for pair in _pairs(data, line_end) if pair[0].lower() != b"host"] + [
+                (b"Host", authority.encode("latin-1"))]
+            head.host = authority.encode("latin-1")
+            hosts = [head.host]
+            head.verbatim = False
         else:
             raise HeadError("request target is not a path")
-    if version == "1.1" and hosts != 1:
+    if version == "1.1" and len(hosts) != 1:
         raise HeadError("HTTP/1.1 request needs exactly one Host header")
-    if hosts > 1:
+    if len(hosts) > 1:
         raise HeadError("more than one Host header")
     head.target = target
     head.path, _, head.query = target.partition("?")
     head.version = version
-    head.raw_headers = raw
     head._headers = None
-    head.framing = scan.framing
-    head.keep_alive = _keep_alive(version, scan.connection)
-    head.connection = scan.connection  # lower-case tokens of Connection: hop-by-hop names among them
-    head.expect_continue = scan.expect == b"100-continue" and version == "1.1"
-    head.upgrade = scan.upgrade.decode("latin-1")
+    head.framing = _framing(fields)
+    connection = head.connection = _connection_tokens(fields)  # hop-by-hop names among them
+    if connection and not connection <= _PLAIN_CONNECTION:
+        head.verbatim = False
+    head.keep_alive = _keep_alive(version, connection)
+    expect = upgrade = b""
+    for code, _, _, value in fields:
+        if code == EXPECT:
+            expect = value.lower()
+        elif code == UPGRADE:
+            upgrade = value.lower()
+    head.expect_continue = expect == b"100-continue" and version == "1.1"
+    head.upgrade = upgrade.decode("latin-1")
     return head
 
 
 class ResponseHead(_Head):
     """One parsed response head from a backend; ``raw_headers`` without the hop-by-hop ones."""
 
-    __slots__ = ("status", "reason", "version", "raw_headers", "_headers", "framing", "keep_alive")
+    __slots__ = ("status", "reason", "version", "data", "line_end", "fields", "_raw", "_headers", "framing",
+                 "keep_alive", "connection", "verbatim")
+
+    def _make_pairs(self):
+        pairs = _pairs(self.data, self.line_end)
+        drop = HOP_BY_HOP_BYTES | self.connection
+        return [pair for pair in pairs if pair[0].lower() not in drop]
+
+
+HOP_BY_HOP_BYTES = frozenset(name.encode() for name in HOP_BY_HOP)
 
 
 def parse_response_head(reader, request_method):
     """The ResponseHead from a HeadReader; ``framing`` follows RFC 9112 §6.3 for ``request_method``."""
-    collector, parser = reader.collector, reader.parser
+    parser = reader.parser
     version = parser.get_http_version()
     if version not in ("1.1", "1.0"):
         raise HeadError(f"HTTP/{version} response")
     head = ResponseHead()
-    head.status = parser.get_status_code()
-    head.reason = collector.reason.decode("latin-1")
+    data = head.data = reader.head
+    status = head.status = parser.get_status_code()
+    line_end = head.line_end = data.find(b"\r\n")
+    head.reason = data[13:line_end].decode("latin-1")  # after "HTTP/1.1 200 "
     head.version = version
-    scan = _scan(collector.headers, drop_hop_by_hop=True)
-    head.raw_headers = scan.kept
-    head._headers = None
-    framing = scan.framing
-    head.keep_alive = _keep_alive(version, scan.connection)
-    if request_method == "HEAD" or head.status < 200 or head.status in NO_BODY_STATUSES:
+    fields = head.fields = _fields(data, line_end)
+    head._raw = head._headers = None
+    framing = _framing(fields)
+    connection = head.connection = _connection_tokens(fields)
+    head.verbatim = not connection or connection <= _PLAIN_CONNECTION
+    head.keep_alive = _keep_alive(version, connection)
+    if request_method == "HEAD" or status < 200 or status in NO_BODY_STATUSES:
         framing = Framing(length=0)
     elif not framing.chunked and framing.length is None:
         head.keep_alive = False  # delimited by the backend closing the connection
     head.framing = framing
     return head
+
+
+def response_head_bytes(head, first_line, extra=b""):
+    """``head`` as a client gets it: ``first_line``, its fields but the hop-by-hop ones, ``extra`` lines."""
+    if not head.verbatim:
+        return encode_raw_head(first_line, head.raw_headers, extra)
+    data = head.data
+    parts = [first_line]
+    at = head.line_end
+    for code, start, end, _ in head.fields:
+        if code in RESPONSE_DROP:
+            parts.append(data[at:start])
+            at = end
+    parts += (data[at:len(data) - 4], b"\r\n", extra, b"\r\n")
+    return b"".join(parts)
 
 
 # --------------------------------------------------------------------------- bodies

@@ -9,8 +9,13 @@ ended cleanly and both sides allow keep-alive. Rules:
 - an idle connection is closed after ``idle_timeout``, and every connection of a
   backend that left the registry is closed, by ``sweep()`` (HttpProxy's sweeper
   greenlet calls it) and when one is given back;
-- an idle connection the backend already closed (readable while idle) is
-  dropped at checkout instead of being handed out.
+- an idle connection is watched for reading while it waits in the pool: the
+  backend closing it (or sending anything unasked, such as a 408) closes it
+  there and then, so it is never handed out; a request that is not safe to
+  send twice also checks the socket itself at checkout (``get(..., check=True)``),
+  for an end that arrived since the loop last polled. A safe one does not: if
+  its reused connection fails before any answer byte, it is sent again on a
+  new one (glb.http_proxy), as nginx and HAProxy do.
 """
 
 import errno
@@ -21,19 +26,12 @@ from urllib.parse import urlsplit
 
 import gevent.ssl
 
-from glb.deadlines import DEADLINES
+from glb.http_io import SocketIO
 from glb.http_parse import HeadReader, parse_response_head
 from glb.registry import GONE
 
 RECV_SIZE = 65536
 _PEEK = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)  # an int: the flags enum costs a call per use
-
-
-def send_all(sock, data):
-    """``sendall`` without gevent's per-call buffer-size lookup: one ``send`` usually takes it all."""
-    sent = sock.send(data)
-    if sent < len(data):
-        sock.sendall(memoryview(data)[sent:])
 
 
 class BackendClosed(ConnectionResetError):
@@ -43,10 +41,12 @@ class BackendClosed(ConnectionResetError):
 class BackendConnection:
     """One connection to a backend: the socket, bytes read but not used yet, and where it came from."""
 
-    __slots__ = ("sock", "buffer", "address", "backend", "reused", "idle_since", "got_bytes", "read_timeout")
+    __slots__ = ("sock", "io", "buffer", "address", "backend", "reused", "idle_since", "got_bytes", "read_timeout",
+                 "watched")
 
     def __init__(self, sock, address, backend, read_timeout=60.0):
         self.sock = sock
+        self.io = SocketIO(sock)
         self.read_timeout = read_timeout  # for each wait on the backend (TimeoutError beyond it)
         self.buffer = bytearray()
         self.address = address
@@ -54,39 +54,38 @@ class BackendConnection:
         self.reused = False
         self.idle_since = 0.0
         self.got_bytes = False  # any byte of the current response arrived
+        self.watched = None  # the read watcher started while idle in a pool
 
-    def recv(self, size):
-        DEADLINES.arm(self.read_timeout)
-        try:
-            return self.sock.recv(size)
-        finally:
-            DEADLINES.disarm()
+    def recv(self, size, wait_first=False):
+        return self.io.recv(size, self.read_timeout, wait_first)
 
     def send(self, data):
-        DEADLINES.arm(self.read_timeout)
-        try:
-            send_all(self.sock, data)
-        finally:
-            DEADLINES.disarm()
+        self.io.send(data, self.read_timeout)
 
-    def fill(self):
+    def fill(self, wait_first=False):
         """Read what the backend sent next into ``buffer``; BackendClosed at EOF."""
-        data = self.recv(RECV_SIZE)
+        data = self.io.recv(RECV_SIZE, self.read_timeout, wait_first)
         if not data:
             raise BackendClosed(errno.ECONNRESET, "the backend closed the connection")
         self.got_bytes = True
         self.buffer += data
 
     def read_head(self, method, max_size):
-        """The next response head (1xx included); raises HeadError for a malformed one."""
+        """The next response head (1xx included); raises HeadError for a malformed one.
+
+        Called right after the request was written, when nothing can have
+        arrived yet unless an interim answer left bytes in ``buffer``.
+        """
         reader = HeadReader(response=True, max_size=max_size)
+        wait_first = True
         while True:
             if self.buffer:
                 end = reader.feed(self.buffer)
                 if end is not None:
                     del self.buffer[:end]
                     return parse_response_head(reader, method)
-            self.fill()
+            self.fill(wait_first)
+            wait_first = False
 
     def closed_while_idle(self):
         """True if the backend closed (or sent something) while this connection sat in the pool."""
@@ -101,7 +100,20 @@ class BackendConnection:
             return True
         return True
 
+    def watch_idle(self, callback):
+        """Call ``callback(self)`` from the hub if the socket becomes readable while idle."""
+        readable = getattr(self.sock, "_read_event", None)
+        if readable is not None:
+            readable.start(callback, self)
+            self.watched = readable
+
+    def unwatch(self):
+        watched, self.watched = self.watched, None
+        if watched is not None:
+            watched.stop()
+
     def close(self):
+        self.unwatch()  # before gevent's close, which would treat the callback as a waiting greenlet
         try:
             self.sock.close()
         except OSError:
@@ -130,13 +142,18 @@ class Pools:
             found = self._addresses[base] = (parts.scheme, parts.hostname, port, parts.netloc)
         return found
 
-    def get(self, base, backend=None):
-        """A connection to ``base``: an idle one still open, else a new one (OSError if none can be made)."""
+    def get(self, base, backend=None, check=True, fresh=False):
+        """A connection to ``base``: an idle one still open, else a new one (OSError if none can be made).
+
+        ``check``: look at an idle one's socket too (for a request not safe to send twice);
+        ``fresh``: a new connection in any case (the retry of a request a reused one failed).
+        """
         address = self.address(base)
-        idle = self._idle.get(address)
+        idle = None if fresh else self._idle.get(address)
         while idle:
             conn = idle.pop()
-            if conn.closed_while_idle():
+            conn.unwatch()
+            if check and conn.closed_while_idle():
                 conn.close()
                 continue
             conn.reused = True
@@ -172,6 +189,14 @@ class Pools:
             return conn.close()
         conn.idle_since = time.monotonic()
         idle.append(conn)
+        conn.watch_idle(self._readable_while_idle)
+
+    def _readable_while_idle(self, conn):
+        """From the hub: the backend closed (or wrote to) an idle connection; it is dropped."""
+        idle = self._idle.get(conn.address)
+        if idle is not None and conn in idle:
+            idle.remove(conn)
+        conn.close()
 
     def discard(self, conn):
         conn.close()

@@ -50,8 +50,8 @@ from glb.balancing import PickRequest, make_policy
 from glb.connection import CLIENT, Connection, Headers
 from glb.errors import Status
 from glb.http_parse import (  # noqa: F401 (HOP_BY_HOP: part of this module's interface)
-    HOP_BY_HOP, NO_BODY_STATUSES, HeadError, LengthBody, UntilCloseBody, body_for, decode_pairs, encode_chunk,
-    encode_head, encode_last_chunk, encode_pairs, encode_raw_head,
+    FORWARDED_FOR, HOP_BY_HOP, HOST, NO_BODY_STATUSES, HeadError, LengthBody, UntilCloseBody, body_for,
+    decode_pairs, encode_chunk, encode_head, encode_last_chunk, encode_pairs, encode_raw_head, response_head_bytes,
 )
 from glb.http_pool import RECV_SIZE, BackendClosed, Pools, backend_ssl_context_factory
 from glb.http_server import ClientGone
@@ -112,6 +112,40 @@ def forward_request_headers(raw, peer_ip, scheme, connection_listed=()):
     if host:
         out.append((b"X-Forwarded-Host", host))
     return out
+
+
+def forward_request_head(head, peer_ip, scheme, host=None):
+    """The head a backend gets for a bodiless ``head``, made from its bytes (``head.verbatim`` only).
+
+    The same rules as ``forward_request_headers``: every field glb looks at but
+    Host is dropped (hop-by-hop, framing, Expect, Proxy-*, X-Forwarded-*), the
+    rest pass as they came; X-Forwarded-For/Proto/Host follow. ``host``: the
+    backend's own Host, replacing the client's.
+    """
+    data = head.data
+    target = f"{head.path}?{head.query}" if head.query else head.path
+    parts = [f"{head.method} {target} HTTP/1.1".encode("latin-1")]
+    at = head.line_end
+    chain = []
+    for code, start, end, value in head.fields:
+        if code == HOST and host is None:
+            continue
+        if code == FORWARDED_FOR:
+            chain.append(value)
+        parts.append(data[at:start])
+        at = end
+    parts.append(data[at:len(data) - 4])
+    if peer_ip:
+        chain.append(peer_ip.encode("latin-1"))
+    if chain:
+        parts += (b"\r\nX-Forwarded-For: ", b", ".join(chain))
+    parts += (b"\r\nX-Forwarded-Proto: ", scheme.encode("latin-1"))
+    if head.host:
+        parts += (b"\r\nX-Forwarded-Host: ", head.host)
+    if host is not None:
+        parts += (b"\r\nHost: ", host)
+    parts.append(b"\r\n\r\n")
+    return b"".join(parts)
 
 
 def header_items(headers):
@@ -600,16 +634,20 @@ class HttpProxy:
             return None  # the general path answers 503 and reports it
         base = backend.http_base()
         try:
-            conn = self.pools.get(base, backend)
+            conn = self.pools.get(base, backend, head.method not in IDEMPOTENT)
         except (OSError, ValueError) as exc:
             ex = self.new_exchange(client, head, started)
             return self.run(ex, self.forward_and_answer, backend, (exc, True))
-        pairs = self.host_header(forward_request_headers(head.raw_headers, client.peer[0],
-                                                         "https" if client.secure else "http", head.connection),
-                                 base)
-        target = f"{head.path}?{head.query}" if head.query else head.path
+        scheme = "https" if client.secure else "http"
+        if head.verbatim:
+            host = self.pools.address(base)[3].encode("latin-1") if self.backend_host or not head.host else None
+            request = forward_request_head(head, client.peer[0], scheme, host)
+        else:
+            target = f"{head.path}?{head.query}" if head.query else head.path
+            request = encode_raw_head(f"{head.method} {target} HTTP/1.1".encode("latin-1"), self.host_header(
+                forward_request_headers(head.raw_headers, client.peer[0], scheme, head.connection), base))
         try:
-            conn.send(encode_raw_head(f"{head.method} {target} HTTP/1.1".encode("latin-1"), pairs))
+            conn.send(request)
             response = conn.read_head(head.method, self.max_head_size)
         except (OSError, HeadError) as exc:
             conn.close()
@@ -634,7 +672,7 @@ class HttpProxy:
         extra = b"" if keep and head.version == "1.1" else (
             b"Connection: keep-alive\r\n" if keep else b"Connection: close\r\n")
         line = f"HTTP/1.1 {status_line(response.status, response.reason)}".encode("latin-1")
-        client.send(encode_raw_head(line, response.raw_headers, extra) + body)
+        client.send(response_head_bytes(response, line, extra) + body)
         return keep
 
     def forward_and_answer(self, ex, backend, failed):
@@ -727,9 +765,10 @@ class HttpProxy:
     def send(self, ex, backend, connecting):
         """One backend's response head to the request (the body follows as it is read)."""
         base = backend.http_base()
+        check = ex.request.method not in IDEMPOTENT
         for attempt in (1, 2):
             connecting[0] = True
-            conn = self.pools.get(base, backend)
+            conn = self.pools.get(base, backend, check, fresh=attempt == 2)
             connecting[0] = False
             try:
                 self.write_request(ex, conn, base)

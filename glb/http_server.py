@@ -21,9 +21,8 @@ import sys
 import time
 from urllib.parse import unquote
 
-from glb.deadlines import DEADLINES
 from glb.errors import Status
-from glb.http_pool import send_all
+from glb.http_io import SocketIO
 from glb.http_parse import HeadError, HeadReader, LengthBody, body_for, encode_head, parse_request_head
 
 log = logging.getLogger("glb.http")
@@ -42,6 +41,7 @@ class ClientConnection:
         self.balancer = balancer
         self.server = server  # the gevent server that accepted the connection
         self.sock = sock
+        self.io = SocketIO(sock)
         self.peer = tuple(address[:2]) if address else ("", 0)
         self.secure = secure
         self.buffer = bytearray()
@@ -89,19 +89,17 @@ class ClientConnection:
 
     def read_head(self, first):
         """The next RequestHead; None when the client closed or idled out between requests."""
-        sock = self.sock
+        io = self.io
         reader = HeadReader(max_size=self.max_head_size)
         while self.buffer[:2] == b"\r\n":  # RFC 9112 §2.2: ignore an empty line before a request
             del self.buffer[:2]
         if not self.buffer and not first:
             self.idle = True
-            DEADLINES.arm(self.keepalive_timeout)
-            try:
-                data = sock.recv(self.chunk_size)
+            try:  # the answer to the last request was just sent: nothing can be here yet
+                data = io.recv(self.chunk_size, self.keepalive_timeout, wait_first=True)
             except OSError:  # idle keep-alive connection timed out or was reset
                 return None
             finally:
-                DEADLINES.disarm()
                 self.idle = False
             if not data:
                 return None
@@ -116,15 +114,12 @@ class ClientConnection:
                     return head
             if deadline <= time.monotonic():
                 return self.head_timed_out()
-            DEADLINES.arm_at(deadline)
             try:
-                data = sock.recv(self.chunk_size)
+                data = io.recv_by(self.chunk_size, deadline)
             except TimeoutError:
                 return self.head_timed_out()
             except OSError:
                 return None
-            finally:
-                DEADLINES.disarm()
             if not data:
                 return None
             self.buffer += data
@@ -147,11 +142,7 @@ class ClientConnection:
     # -- writing -------------------------------------------------------------------------------
 
     def send(self, data):
-        DEADLINES.arm(self.body_timeout)
-        try:
-            send_all(self.sock, data)
-        finally:
-            DEADLINES.disarm()
+        self.io.send(data, self.body_timeout)
 
     def refuse(self, status, reason, report=True):
         """Answer a request glb will not serve with ``status`` and close (the caller returns)."""
@@ -174,15 +165,12 @@ class ClientConnection:
 
     def recv_body(self, limit=None):
         """The next bytes of a request body, at most ``limit`` (into ``buffer`` when None)."""
-        DEADLINES.arm(self.body_timeout)
         try:
-            data = self.sock.recv(self.chunk_size if limit is None else min(limit, self.chunk_size))
+            data = self.io.recv(self.chunk_size if limit is None else min(limit, self.chunk_size), self.body_timeout)
         except TimeoutError:
             raise ClientGone(f"request body: nothing for {self.body_timeout:g} s") from None
         except OSError as exc:
             raise ClientGone(f"request body: {exc}") from None
-        finally:
-            DEADLINES.disarm()
         if not data:
             raise ClientGone("request body: the client closed before its end")
         if limit is not None:

@@ -533,3 +533,101 @@ def test_a_reload_that_changes_the_balancing_or_http_settings_reaches_plain_http
         finally:
             if not glb.stopping:
                 glb.stop(timeout=1)
+
+
+FORWARD_CASES = [
+    b"GET /a?b=%2F HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET / HTTP/1.1\r\nhost:  x  \r\nX-Forwarded-For: 10.0.0.1\r\nx-forwarded-for: 10.0.0.2\r\n"
+    b"X-Forwarded-Proto: ftp\r\nX-Forwarded-Host: evil\r\nAccept: */*\r\n\r\n",
+    b"HEAD /h HTTP/1.1\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\nTE: trailers\r\nHost: x\r\n"
+    b"Proxy-Authorization: secret\r\nProxy-Foo: 1\r\nUpgrade: h2c\r\nExpect: 100-continue\r\nTrailer: X\r\n"
+    b"Content-Length: 0\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\n\r\n",
+    b"DELETE /d HTTP/1.0\r\nConnection: close\r\nX-Empty:\r\n\r\n",
+]
+
+
+@pytest.mark.parametrize("raw", FORWARD_CASES)
+@pytest.mark.parametrize("backend_host", [None, b"backend:8080"])
+def test_the_head_forwarded_from_bytes_says_what_the_forwarded_pairs_say(raw, backend_host):
+    """``forward_request_head`` (the common request's path) and the pairs path give a backend the same fields."""
+    from glb.http_proxy import forward_request_head, forward_request_headers
+
+    reader = HeadReader(max_size=16384)
+    assert reader.feed(bytearray(raw)) == len(raw)
+    head = parse_request_head(reader)
+    assert head.verbatim
+    host = backend_host if backend_host is not None or head.host else b"backend:8080"  # as HttpProxy gives it
+    sent = forward_request_head(head, "127.0.0.1", "https", host)
+    pairs = forward_request_headers(head.raw_headers, "127.0.0.1", "https", head.connection)
+    if host is not None:
+        pairs = [(n, v) for n, v in pairs if n.lower() != b"host"] + [(b"Host", host)]
+    again = HeadReader(max_size=16384)  # what glb sends must itself be a strictly valid head
+    assert again.feed(bytearray(sent)) == len(sent)
+    forwarded = parse_request_head(again)
+    assert forwarded.version == "1.1" and forwarded.target == head.target and forwarded.method == head.method
+
+    def fields(items):
+        return sorted((name.lower(), value) for name, value in items)
+    assert fields(forwarded.raw_headers) == fields(pairs)
+
+
+def test_an_idle_pooled_connection_the_backend_writes_to_or_closes_is_dropped_at_once():
+    """A backend that answers, then says ``408`` and closes while idle: that never answers the next request."""
+    def handle(sock, address):
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return
+            data += chunk
+        sock.sendall(OK)
+        gevent.sleep(0.05)  # idle for a moment, as a backend's keep-alive timeout would be
+        sock.sendall(b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+
+    server = StreamServer(("127.0.0.1", 0), handle)
+    server.start()
+    try:
+        with running_glb(**{"backend:one": backend_section(server.server_port)}) as glb:
+            pools = glb.http_proxy.pools
+            with socket.create_connection(glb.addresses[0], timeout=5) as sock:
+                rest = b""
+                for i in range(3):
+                    sock.sendall(b"GET /%d HTTP/1.1\r\nHost: x\r\n\r\n" % i)
+                    head, body, rest = read_response(sock, rest)
+                    assert head.startswith(b"HTTP/1.1 200") and body == b"ok", (i, head)
+                    with gevent.Timeout(5):  # the pool lets the connection go when the 408 arrives
+                        while pools.idle_count():
+                            gevent.sleep(0.01)
+            assert pools.opened == 3
+    finally:
+        server.stop(timeout=0)
+
+
+def test_a_post_reaches_a_backend_that_closes_its_idle_connections_exactly_once():
+    """Not safe to send twice: each POST is written once, on a connection checked first."""
+    received = []
+
+    def handle(sock, address):
+        data = b""
+        while b"\r\n\r\nbody" not in data:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return
+            data += chunk
+        received.append(data.split(b" ", 2)[1])
+        sock.sendall(OK)
+        sock.shutdown(socket.SHUT_WR)  # closes its side at once, without saying so in the answer
+
+    server = StreamServer(("127.0.0.1", 0), handle)
+    server.start()
+    try:
+        with running_glb(**{"backend:one": backend_section(server.server_port)}) as glb:
+            with socket.create_connection(glb.addresses[0], timeout=5) as sock:
+                rest = b""
+                for i in range(5):
+                    sock.sendall(b"POST /%d HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nbody" % i)
+                    head, body, rest = read_response(sock, rest)
+                    assert head.startswith(b"HTTP/1.1 200") and body == b"ok", (i, head)
+        assert received == [b"/%d" % i for i in range(5)]
+    finally:
+        server.stop(timeout=0)
