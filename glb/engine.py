@@ -165,7 +165,7 @@ class RelayEngine:
             reading = self._reading()
             for leg in reading:
                 if leg.watcher is not None and not leg.watcher.active:
-                    leg.watcher.start(leg)  # the leg calls on_readable: no callback or arguments made per leg
+                    leg.watcher.start(on_readable, leg)
             if not reading:
                 self._stop_watching()
 
@@ -444,7 +444,7 @@ class RelayEngine:
 
 
 def on_readable(src):
-    """The io watcher callback for leg ``src`` (it is ``Leg.__call__``), in the hub.
+    """The io watcher callback for leg ``src``, in the hub (a plain function: no bound method per leg).
 
     Forwards the common chunk right here; hands anything else to a worker as a job.
     """

@@ -319,6 +319,9 @@ class FrameReader(_MessageSequence):
         return data
 
 
+_NO_PAYLOAD = bytearray()  # FrameScanner._control_payload while no control frame is collected (never written to)
+
+
 class FrameScanner(_MessageSequence):
     """Follows frame boundaries in a relayed byte stream without copying payloads.
 
@@ -330,7 +333,7 @@ class FrameScanner(_MessageSequence):
     """
 
     __slots__ = ("expect_masked", "_mask_bit", "_skip", "_head", "_control", "_control_payload",
-                 "_pending_start", "_position", "close_seen", "error", "_small")
+                 "_pending_start", "_position", "close_seen", "error", "_small", "_small_header")
 
     def __init__(self, max_message_size, expect_masked):
         super().__init__(max_message_size)
@@ -339,12 +342,13 @@ class FrameScanner(_MessageSequence):
         self._skip = 0  # bytes of the current data frame still to pass by
         self._head = b""  # start of a header cut by a chunk boundary
         self._control = None  # header of the control frame being collected
-        self._control_payload = None  # its payload so far (a bytearray while one is collected)
+        self._control_payload: bytearray = _NO_PAYLOAD  # its payload so far, while one is collected
         self._pending_start = 0  # stream position of a frame begun in an earlier chunk
         self._position = 0  # stream position of the next chunk's first byte
         self.close_seen = False
         self.error = None
         self._small = min(MAX_CONTROL_PAYLOAD, max_message_size)  # see feed(); 125: a 7-bit length
+        self._small_header = 6 if expect_masked else 2  # header of a frame under 126 bytes
 
     def _update_small(self):
         self._small = -1 if self.in_message or self.close_seen else min(MAX_CONTROL_PAYLOAD, self.max_message_size)
@@ -370,18 +374,14 @@ class FrameScanner(_MessageSequence):
         # a close), and XOR with the expected mask bit makes a wrongly masked frame's length too big.
         small = self._small
         mask_bit = self._mask_bit
-        header = 6 if mask_bit else 2
-        whole = 0
         last = size - 1
         while pos < last:
             first = chunk[pos]
             length = chunk[pos + 1] ^ mask_bit
             if length > small or (first != 0x81 and first != 0x82):
                 break
-            pos += length + header
-            whole += 1
-        if whole:
-            self.messages += whole
+            pos += length + self._small_header
+            self.messages += 1
         if pos >= size:
             self._skip = pos - size
             self._position += size
@@ -412,7 +412,7 @@ class FrameScanner(_MessageSequence):
                 length = chunk[pos + 1] ^ mask_bit
                 if length <= self._small and (first == 0x82 or first == 0x81):
                     # A whole small text/binary message, as in ``feed``.
-                    pos += length + (6 if mask_bit else 2)
+                    pos += length + self._small_header
                     whole += 1
                     continue
                 header = parse_frame_header(chunk, pos)
@@ -451,13 +451,12 @@ class FrameScanner(_MessageSequence):
         if self._control is not None:
             header = self._control
             payload = self._control_payload
-            assert payload is not None  # made together with _control
             take = min(header.length - len(payload), len(chunk))
             payload += chunk[:take]
             if len(payload) < header.length:
                 return take, None
             self._control = None
-            self._control_payload = None
+            self._control_payload = _NO_PAYLOAD
             return take, self._control_note(header, payload, take)
         head = self._head
         joined = head + bytes(chunk[:14])

@@ -7,8 +7,8 @@ would sit idle in every session. ``LeanSocket`` takes the file descriptor over
 from a gevent socket (``take_over``) and makes a watcher only for a greenlet
 that must wait (a send the kernel cannot take yet, a read while a closing
 handshake drains), closing it when the wait ends. It offers the part of the
-socket API that ``glb.websocket.WebSocket`` uses; anything else (``getsockopt``,
-``getpeername``, ...) is the OS socket's own.
+socket API that ``glb.websocket.WebSocket`` and the relay use; ``_sock`` is the
+OS socket itself.
 
 Closing or shutting down a socket that a greenlet waits on wakes that greenlet
 with OSError(EBADF), as gevent's sockets do, and the descriptor is closed only
@@ -41,14 +41,24 @@ class LeanSocket:
         raw.setblocking(False)
         return cls(raw)
 
-    def __getattr__(self, name):
-        return getattr(self._sock, name)
-
     def __repr__(self):
         return f"<LeanSocket fd={self._sock.fileno()}>"
 
     def fileno(self):
         return self._sock.fileno()
+
+    # No __getattr__ delegating the rest: it would slow every attribute read of this object.
+    def getsockopt(self, *args):
+        return self._sock.getsockopt(*args)
+
+    def setsockopt(self, *args):
+        return self._sock.setsockopt(*args)
+
+    def getpeername(self):
+        return self._sock.getpeername()
+
+    def getsockname(self):
+        return self._sock.getsockname()
 
     # -- reading and writing -------------------------------------------------
 

@@ -13,24 +13,28 @@ import time
 from gevent.event import Event
 
 from glb.closing import LegClose
-from glb.engine import on_readable
 from glb.errors import ConnectionClosed
 from glb.frames import OP_CLOSE, encode_close_payload, encode_frame
 
 
 class Leg(LegClose):
-    """One side of a session; ``other`` is the opposite leg once both exist."""
+    """One side of a session (made by ``Leg.client`` or ``Leg.backend``); ``other`` is the opposite
+    leg once both exist.
 
-    name = ""
-    masks = False  # glb masks the frames it writes to this peer
-    sends_masked = False  # this peer's frames are masked
-    header_size = 2  # header of a small (< 126 bytes) frame from this peer
+    Both sides are one class, told apart by what they hold, not by type: the relay's hot code then
+    reads the attributes of one type only, which the interpreter specializes (two leg classes met
+    alternately at the same line would undo that on every chunk).
+    """
 
-    __slots__ = ("ws", "os_sock", "fast", "inbound", "other", "out_scanner", "out_in_message", "active",
+    __slots__ = ("name", "masks", "sends_masked", "header_size", "ws", "os_sock", "fast", "inbound", "other", "out_scanner", "out_in_message", "active",
                  "last_activity", "last_pong", "ping_sent", "messages", "bytes", "boundary", "watcher", "engine", "reading")
 
-    def __init__(self, ws):
+    def __init__(self, ws, name, masks):
         super().__init__()
+        self.name = name  # "client" or "backend", in logs and events
+        self.masks = masks  # glb masks the frames it writes to this peer
+        self.sends_masked = not masks  # this peer's frames are masked
+        self.header_size = 6 if self.sends_masked else 2  # header of a small (< 126 bytes) frame from this peer
         self.ws = ws
         self.os_sock = None  # the OS socket of a plain (not TLS) leg while it relays, for the engine's fast path
         self.fast = False  # the engine may relay this peer's chunks in its watcher callback
@@ -52,16 +56,23 @@ class Leg(LegClose):
         self.engine = None  # the relay engine, while it relays
         self.reading = False  # the engine still reads this peer (its direction is not done)
 
+    @classmethod
+    def client(cls, ws):
+        """The downstream client: glb is the WebSocket server here."""
+        return cls(ws, "client", masks=False)
+
+    @classmethod
+    def backend(cls, ws):
+        """The backend: glb is the WebSocket client here, so it masks what it writes."""
+        return cls(ws, "backend", masks=True)
+
     def __repr__(self):
-        return f"<{type(self).__name__} {self.ws!r}>"
+        return f"<Leg {self.name} {self.ws!r}>"
 
     @property
     def sock(self):
         return self.ws.sock
 
-    # The relay engine's io watcher callback: this peer's socket is readable. The leg itself is
-    # the callback, so a watcher holds no bound method or argument tuple per leg while idle.
-    __call__ = on_readable
 
     def stamp_activity(self, now):
         """The keep-alive sweep at ``now``: activity flagged since the last sweep counts as at ``now``."""
@@ -128,23 +139,3 @@ class Leg(LegClose):
             self.sock.shutdown(2)
         except OSError:
             pass
-
-
-class ClientLeg(Leg):
-    """The downstream client: glb is the WebSocket server here."""
-
-    __slots__ = ()
-    name = "client"
-    masks = False
-    sends_masked = True
-    header_size = 6
-
-
-class BackendLeg(Leg):
-    """The backend: glb is the WebSocket client here, so it masks what it writes."""
-
-    __slots__ = ()
-    name = "backend"
-    masks = True
-    sends_masked = False
-    header_size = 2

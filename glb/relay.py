@@ -10,8 +10,8 @@ Three parts, each in its own module:
 ``ClientSession`` ties them together for one client: it starts the engine, ends
 the session exactly once (freeing the backend's slot and firing
 ``client_disconnect``), writes glb's own messages to the client between relayed
-ones, and keeps quiet legs alive. Its legs are ``glb.legs.ClientLeg`` and
-``glb.legs.BackendLeg``.
+ones, and keeps quiet legs alive. Its legs are ``glb.legs.Leg`` objects, one
+for the client and one for the backend.
 """
 
 import logging
@@ -25,7 +25,7 @@ from glb.engine import RelayEngine, send_closes
 from glb.errors import CloseCode, ConnectionClosed
 from glb.frames import OP_BINARY, OP_CLOSE, OP_PING, OP_TEXT, encode_frame
 from glb.handshake import Rejection
-from glb.legs import BackendLeg, ClientLeg
+from glb.legs import Leg
 from glb.pairing import pair
 from glb.stats import Figures
 from glb.websocket import is_tls
@@ -51,8 +51,8 @@ class ClientSession:
         self.backend = backend  # the registry's entry
         self.response_headers = response_headers
         self.upstream = upstream
-        self.client = None  # ClientLeg, once the client's 101 is written
-        self.backend_leg = BackendLeg(upstream)
+        self.client = None  # its Leg, once the client's 101 is written
+        self.backend_leg = Leg.backend(upstream)
         self.closing = ClosingHandshake(None, self.backend_leg)
         self.engine = None
         self._ended = False
@@ -86,7 +86,7 @@ class ClientSession:
         client_ws = self.conn.websocket
         client_ws.auto_pong = False
         client_ws.send_timeout = settings.send_timeout
-        self.client = self.closing.client = ClientLeg(client_ws)
+        self.client = self.closing.client = Leg.client(client_ws)
         self.response_headers = ()  # written with the 101: not kept for the session's life
         self.client.other, self.backend_leg.other = self.backend_leg, self.client
         self.engine = RelayEngine(self, settings.max_message_size, self.upstream.close_timeout)
