@@ -130,7 +130,7 @@ HOP_BY_HOP = frozenset({
     "proxy-connection", "proxy-authenticate", "proxy-authorization",
 })
 
-# The header fields glb looks at, found by one search over a head's bytes (llhttp
+# The header fields glb looks at, found by one pass over a head's lines (llhttp
 # has checked them already, so every field line is ``\r\nname:OWS value OWS``),
 # each with a code. Every other field is passed on as it came.
 HOP = 1  # hop-by-hop (HOP_BY_HOP but the codes below)
@@ -140,8 +140,7 @@ _FIELD_CODES.update({b"content-length": LENGTH, b"transfer-encoding": CODING, b"
                      b"connection": CONNECTION, b"upgrade": UPGRADE, b"expect": EXPECT,
                      b"x-forwarded-proto": FORWARDED, b"x-forwarded-host": FORWARDED,
                      b"x-forwarded-for": FORWARDED_FOR})
-# Every field whose name starts as one of those does (a cheap first sift; ``_find`` keeps the right ones).
-_FIELD = re.compile(rb"\r\n([CcTtHhUuEeKkPpXx][!#$%&'*+.^_`|~0-9A-Za-z-]*):[ \t]*([^\r]*)")
+_FIRST_BYTES = frozenset(b"CcTtHhUuEeKkPpXx")  # how those names start: a cheap first sift in ``_find``
 RESPONSE_DROP = frozenset({HOP, CODING, CONNECTION, UPGRADE})  # codes a response loses on its way
 _OWS = b" \t"
 
@@ -152,7 +151,7 @@ def decode_pairs(raw):
 
 
 class _Found:
-    """What the search over a head's fields found: ``fields`` ``(code, start, end, value)`` and their sense.
+    """What the pass over a head's fields found: ``fields`` ``(code, start, end, value)`` and their sense.
 
     ``start:end`` spans a field's line without its CRLF (it starts with the CRLF
     before it); ``value`` has no surrounding whitespace. ``connection`` holds the
@@ -164,18 +163,21 @@ class _Found:
 
 _NO_TOKENS = frozenset()
 _CODE_OF = {}  # a field name as sent -> its code, so each spelling is lowered once
-_WHITESPACE_END = (b" ", b"\t")
 
 
 def _find(data, line_end):
-    """One search over the fields of the head ``data`` (its first line ends at ``line_end``)."""
+    """One pass over the fields of the head ``data`` (its first line ends at ``line_end``)."""
     found = _Found()
     fields = found.fields = []
     lengths, codings, hosts = [], [], []
     connection, expect, upgrade = _NO_TOKENS, b"", b""
-    code_of = _CODE_OF
-    for match in _FIELD.finditer(data, line_end, len(data) - 2):
-        name, value = match[1], match[2]
+    code_of, first_bytes = _CODE_OF, _FIRST_BYTES
+    end = line_end
+    for line in data[line_end + 2:].split(b"\r\n")[:-2]:  # every field line (llhttp checked them)
+        start, end = end, end + 2 + len(line)
+        if line[0] not in first_bytes:
+            continue
+        name, _, value = line.partition(b":")
         code = code_of.get(name)
         if code is None:
             lower = name.lower()
@@ -184,9 +186,8 @@ def _find(data, line_end):
                 code_of[name] = code
         if not code:
             continue
-        if value[-1:] in _WHITESPACE_END:
-            value = value.rstrip(_OWS)
-        fields.append((code, match.start(), match.end(), value))
+        value = value.strip(_OWS)
+        fields.append((code, start, end, value))
         if code == HOST:
             hosts.append(value)
         elif code == LENGTH:
