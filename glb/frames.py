@@ -451,7 +451,6 @@ class FrameScanner(_MessageSequence):
         if self._control is not None:
             header = self._control
             payload = self._control_payload
-            assert payload is not None  # made together with _control
             take = min(header.length - len(payload), len(chunk))
             payload += chunk[:take]
             if len(payload) < header.length:

@@ -48,9 +48,15 @@ class HeadError(Exception):
 
 
 class _ChecksOnly:
-    """httptools wants a protocol object; glb reads the head's bytes itself, so llhttp only checks them."""
+    """httptools wants a protocol object; glb reads the head's bytes itself, so llhttp only checks them.
+
+    Every callback httptools looks for is here as None: a missing one would cost
+    it a raised and caught AttributeError per name on every new parser.
+    """
 
     __slots__ = ()
+    on_message_begin = on_url = on_status = on_header = on_headers_complete = on_body = None
+    on_message_complete = on_chunk_header = on_chunk_complete = None
 
 
 _CHECKS_ONLY = _ChecksOnly()
@@ -69,6 +75,11 @@ class HeadReader:
     def __init__(self, response=False, max_size=16384):
         self.parser = (httptools.HttpResponseParser if response else httptools.HttpRequestParser)(_CHECKS_ONLY)
         self.max_size = max_size
+        self.fed = 0
+        self.head = b""
+
+    def restart(self):
+        """Ready for the next head on the same connection (llhttp resets itself after a bodiless message)."""
         self.fed = 0
         self.head = b""
 
@@ -125,8 +136,8 @@ _FIELD_CODES.update({b"content-length": LENGTH, b"transfer-encoding": CODING, b"
                      b"connection": CONNECTION, b"upgrade": UPGRADE, b"expect": EXPECT,
                      b"x-forwarded-proto": FORWARDED, b"x-forwarded-host": FORWARDED,
                      b"x-forwarded-for": FORWARDED_FOR})
-_FIELD = re.compile(rb"\r\n(" + b"|".join(re.escape(name) for name in sorted(_FIELD_CODES, key=len, reverse=True))
-                    + rb"|proxy-[^:]*):[ \t]*([^\r]*)", re.IGNORECASE)
+# Every field whose name starts as one of those does (a cheap first sift; ``_find`` keeps the right ones).
+_FIELD = re.compile(rb"\r\n([CcTtHhUuEeKkPpXx][!#$%&'*+.^_`|~0-9A-Za-z-]*):[ \t]*([^\r]*)")
 RESPONSE_DROP = frozenset({HOP, CODING, CONNECTION, UPGRADE})  # codes a response loses on its way
 _OWS = b" \t"
 
@@ -136,17 +147,58 @@ def decode_pairs(raw):
     return [(name.decode("latin-1"), value.decode("latin-1")) for name, value in raw]
 
 
-def _fields(data, line_end):
-    """``(code, start, end, value)`` of each field of the head ``data`` that glb looks at.
+class _Found:
+    """What the search over a head's fields found: ``fields`` ``(code, start, end, value)`` and their sense.
 
-    ``start:end`` spans the field's line without its CRLF (it starts with the
-    CRLF before it); ``value`` has no surrounding whitespace.
+    ``start:end`` spans a field's line without its CRLF (it starts with the CRLF
+    before it); ``value`` has no surrounding whitespace. ``connection`` holds the
+    lower-case tokens of every Connection field.
     """
-    found = []
+
+    __slots__ = ("fields", "lengths", "codings", "hosts", "connection", "expect", "upgrade")
+
+
+_NO_TOKENS = frozenset()
+_CODE_OF = {}  # a field name as sent -> its code, so each spelling is lowered once
+_WHITESPACE_END = (b" ", b"\t")
+
+
+def _find(data, line_end):
+    """One search over the fields of the head ``data`` (its first line ends at ``line_end``)."""
+    found = _Found()
+    fields = found.fields = []
+    lengths, codings, hosts = [], [], []
+    connection, expect, upgrade = _NO_TOKENS, b"", b""
+    code_of = _CODE_OF
     for match in _FIELD.finditer(data, line_end, len(data) - 2):
-        name = match.group(1).lower()
-        code = _FIELD_CODES.get(name, PROXY)
-        found.append((code, match.start(), match.end(), match.group(2).rstrip(_OWS)))
+        name, value = match[1], match[2]
+        code = code_of.get(name)
+        if code is None:
+            lower = name.lower()
+            code = _FIELD_CODES.get(lower, PROXY if lower.startswith(b"proxy-") else 0)
+            if len(code_of) < 1024:
+                code_of[name] = code
+        if not code:
+            continue
+        if value[-1:] in _WHITESPACE_END:
+            value = value.rstrip(_OWS)
+        fields.append((code, match.start(), match.end(), value))
+        if code == HOST:
+            hosts.append(value)
+        elif code == LENGTH:
+            lengths.append(value)
+        elif code == CODING:
+            codings.append(value)
+        elif code == CONNECTION:
+            connection = set(connection)
+            for token in value.split(b","):
+                connection.add(token.strip(_OWS).lower())
+        elif code == EXPECT:
+            expect = value.lower()
+        elif code == UPGRADE:
+            upgrade = value.lower()
+    found.lengths, found.codings, found.hosts = lengths, codings, hosts
+    found.connection, found.expect, found.upgrade = connection, expect, upgrade
     return found
 
 
@@ -160,10 +212,9 @@ def _pairs(data, line_end):
     return pairs
 
 
-def _framing(fields):
+def _framing(found):
     """The Framing the fields declare: one length or one ``chunked``, never both (HeadError otherwise)."""
-    lengths = [value for code, _, _, value in fields if code == LENGTH]
-    codings = [value for code, _, _, value in fields if code == CODING]
+    lengths, codings = found.lengths, found.codings
     if codings:
         if lengths:
             raise HeadError("Content-Length beside Transfer-Encoding")
@@ -179,16 +230,6 @@ def _framing(fields):
     return Framing()
 
 
-def _connection_tokens(fields):
-    """The lower-case tokens of every Connection field."""
-    tokens = set()
-    for code, _, _, value in fields:
-        if code == CONNECTION:
-            for token in value.split(b","):
-                tokens.add(token.strip(_OWS).lower())
-    return tokens
-
-
 def _keep_alive(version, connection):
     """RFC 9112 §9.3: HTTP/1.1 persists unless ``close``; HTTP/1.0 only with ``keep-alive``."""
     if b"close" in connection:
@@ -200,7 +241,7 @@ _PLAIN_CONNECTION = frozenset({b"close", b"keep-alive"})
 
 
 class _Head:
-    """A head as received: ``data`` its bytes, ``fields`` those glb looks at (see ``_fields``).
+    """A head as received: ``data`` its bytes, ``fields`` those glb looks at (see ``_find``).
 
     ``raw_headers`` (byte pairs) and ``headers`` (str pairs) are made from ``data``
     on first use. ``verbatim``: the fields may be passed on as the bytes they came
@@ -247,13 +288,13 @@ def parse_request_head(reader):
     if method == "CONNECT":
         raise HeadError("CONNECT is not supported", Status.METHOD_NOT_ALLOWED)
     line_end = head.line_end = data.find(b"\r\n")
-    fields = head.fields = _fields(data, line_end)
-    hosts = [value for code, _, _, value in fields if code == HOST]
+    found = _find(data, line_end)
+    head.fields, hosts = found.fields, found.hosts
     head.host = hosts[0] if hosts else None
     head._raw = None
     head.verbatim = True
     target = data[len(method) + 1:data.rfind(b" ", 0, line_end)].decode("latin-1")
-    if not target.startswith("/"):
+    if target[:1] != "/":
         if target == "*" and method == "OPTIONS":
             pass
         elif target.lower().startswith(("http://", "https://")):
@@ -266,27 +307,20 @@ def parse_request_head(reader):
             head.verbatim = False
         else:
             raise HeadError("request target is not a path")
-    if version == "1.1" and len(hosts) != 1:
-        raise HeadError("HTTP/1.1 request needs exactly one Host header")
-    if len(hosts) > 1:
-        raise HeadError("more than one Host header")
+    if len(hosts) != 1 and (version == "1.1" or hosts):
+        raise HeadError("HTTP/1.1 request needs exactly one Host header" if version == "1.1"
+                        else "more than one Host header")
     head.target = target
     head.path, _, head.query = target.partition("?")
     head.version = version
     head._headers = None
-    head.framing = _framing(fields)
-    connection = head.connection = _connection_tokens(fields)  # hop-by-hop names among them
+    head.framing = _framing(found)
+    connection = head.connection = found.connection  # hop-by-hop names among them
     if connection and not connection <= _PLAIN_CONNECTION:
         head.verbatim = False
     head.keep_alive = _keep_alive(version, connection)
-    expect = upgrade = b""
-    for code, _, _, value in fields:
-        if code == EXPECT:
-            expect = value.lower()
-        elif code == UPGRADE:
-            upgrade = value.lower()
-    head.expect_continue = expect == b"100-continue" and version == "1.1"
-    head.upgrade = upgrade.decode("latin-1")
+    head.expect_continue = found.expect == b"100-continue" and version == "1.1"
+    head.upgrade = found.upgrade.decode("latin-1") if found.upgrade else ""
     return head
 
 
@@ -317,10 +351,11 @@ def parse_response_head(reader, request_method):
     line_end = head.line_end = data.find(b"\r\n")
     head.reason = data[13:line_end].decode("latin-1")  # after "HTTP/1.1 200 "
     head.version = version
-    fields = head.fields = _fields(data, line_end)
+    found = _find(data, line_end)
+    head.fields = found.fields
     head._raw = head._headers = None
-    framing = _framing(fields)
-    connection = head.connection = _connection_tokens(fields)
+    framing = _framing(found)
+    connection = head.connection = found.connection
     head.verbatim = not connection or connection <= _PLAIN_CONNECTION
     head.keep_alive = _keep_alive(version, connection)
     if request_method == "HEAD" or status < 200 or status in NO_BODY_STATUSES:

@@ -54,7 +54,7 @@ class BackendConnection:
         self.reused = False
         self.idle_since = 0.0
         self.got_bytes = False  # any byte of the current response arrived
-        self.watched = None  # the read watcher started while idle in a pool
+        self.watched = None  # what to call if the backend closes (or writes to) it while idle in a pool
 
     def recv(self, size, wait_first=False):
         return self.io.recv(size, self.read_timeout, wait_first)
@@ -102,18 +102,21 @@ class BackendConnection:
 
     def watch_idle(self, callback):
         """Call ``callback(self)`` from the hub if the socket becomes readable while idle."""
-        readable = getattr(self.sock, "_read_event", None)
-        if readable is not None:
-            readable.start(callback, self)
-            self.watched = readable
+        self.watched = callback
+        self.io.watch_idle(self._readable_while_idle)
+
+    def _readable_while_idle(self):
+        callback = self.watched
+        if callback is not None:
+            callback(self)
 
     def unwatch(self):
-        watched, self.watched = self.watched, None
-        if watched is not None:
-            watched.stop()
+        self.watched = None
+        self.io.unwatch_idle()
 
     def close(self):
-        self.unwatch()  # before gevent's close, which would treat the callback as a waiting greenlet
+        self.watched = None
+        self.io.close()  # its watcher stops before the socket closes
         try:
             self.sock.close()
         except OSError:

@@ -123,8 +123,11 @@ def forward_request_head(head, peer_ip, scheme, host=None):
     backend's own Host, replacing the client's.
     """
     data = head.data
-    target = f"{head.path}?{head.query}" if head.query else head.path
-    parts = [f"{head.method} {target} HTTP/1.1".encode("latin-1")]
+    if head.version == "1.1":  # the request line as it came (the target is the client's: verbatim)
+        parts = [data[:head.line_end]]
+    else:
+        target = f"{head.path}?{head.query}" if head.query else head.path
+        parts = [f"{head.method} {target} HTTP/1.1".encode("latin-1")]
     at = head.line_end
     chain = []
     for code, start, end, value in head.fields:
@@ -671,7 +674,10 @@ class HttpProxy:
         keep = head.keep_alive and not self.balancer.stopping
         extra = b"" if keep and head.version == "1.1" else (
             b"Connection: keep-alive\r\n" if keep else b"Connection: close\r\n")
-        line = f"HTTP/1.1 {status_line(response.status, response.reason)}".encode("latin-1")
+        if response.version == "1.1" and response.reason:  # the status line as it came
+            line = response.data[:response.line_end]
+        else:
+            line = f"HTTP/1.1 {status_line(response.status, response.reason)}".encode("latin-1")
         client.send(response_head_bytes(response, line, extra) + body)
         return keep
 

@@ -45,6 +45,7 @@ class ClientConnection:
         self.peer = tuple(address[:2]) if address else ("", 0)
         self.secure = secure
         self.buffer = bytearray()
+        self.reader = None  # a HeadReader kept from one bodiless request to the next (llhttp is ready again)
         self.taken = False  # the socket went to a WebSocket session
         self.idle = False  # waiting for the next request of a keep-alive connection
         glb, http = balancer.settings.glb, balancer.settings.http
@@ -64,6 +65,7 @@ class ClientConnection:
             self._serve()
         finally:
             clients.discard(self)
+            self.io.close()
 
     def _serve(self):
         first = True
@@ -90,7 +92,11 @@ class ClientConnection:
     def read_head(self, first):
         """The next RequestHead; None when the client closed or idled out between requests."""
         io = self.io
-        reader = HeadReader(max_size=self.max_head_size)
+        reader = self.reader
+        if reader is None:
+            reader = self.reader = HeadReader(max_size=self.max_head_size)
+        else:
+            reader.restart()
         while self.buffer[:2] == b"\r\n":  # RFC 9112 §2.2: ignore an empty line before a request
             del self.buffer[:2]
         if not self.buffer and not first:
@@ -111,6 +117,8 @@ class ClientConnection:
                 if end is not None:
                     head = parse_request_head(reader)
                     del self.buffer[:end]
+                    if head.framing.has_body or not head.keep_alive or head.upgrade:
+                        self.reader = None  # llhttp would wait for the body or the close: a new one next time
                     return head
             if deadline <= time.monotonic():
                 return self.head_timed_out()
@@ -180,6 +188,7 @@ class ClientConnection:
     # -- WebSocket upgrades --------------------------------------------------------------------
 
     def upgrade(self, head):
+        self.io.close()  # the WebSocket side reads the socket from here on
         request = UpgradeRequest(self, head)
         self.balancer.handle_upgrade(request)
         self.taken = request.socket is None

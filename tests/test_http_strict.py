@@ -185,6 +185,24 @@ def test_bad_request_heads_get_an_error_and_a_closed_connection_and_reach_no_bac
     assert not [r for r in caplog.records if r.exc_info], "a refused request must not log a traceback"
 
 
+def test_the_same_cases_after_a_good_request_on_the_same_connection():
+    """glb keeps its head parser from one bodiless request to the next: it refuses just the same."""
+    with RawBackend() as backend, running_glb(**{"backend:one": backend_section(backend.port)}) as glb:
+        for name, raw, status in SMUGGLING:
+            with socket.create_connection(glb.addresses[0], timeout=5) as sock:
+                sock.sendall(b"GET /first HTTP/1.1\r\nHost: x\r\n\r\n")
+                head, body, rest = read_response(sock)
+                assert head.startswith(b"HTTP/1.1 200") and body == b"ok", name
+                sock.sendall(raw)
+                reply = rest
+                while chunk := sock.recv(65536):  # glb closes the connection after its answer
+                    reply += chunk
+            assert reply.startswith(b"HTTP/1.1 " + status.encode()), (name, reply[:200])
+        assert bytes(backend.received) == b"".join(
+            b"GET /first HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 127.0.0.1\r\nX-Forwarded-Proto: http\r\n"
+            b"X-Forwarded-Host: x\r\n\r\n" for _ in SMUGGLING)
+
+
 def test_the_head_parser_alone_refuses_the_same_cases():
     """The socket-free core: every case above fails in HeadReader/parse_request_head/ChunkedBody."""
     for name, raw, status in SMUGGLING:
