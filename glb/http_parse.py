@@ -119,6 +119,10 @@ class Framing:
         return self.chunked or bool(self.length)
 
 
+_NO_FRAMING = Framing()  # shared: a Framing is never changed once made
+_NO_BODY = Framing(length=0)
+
+
 # Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus the
 # proxy ones; a proxy never forwards them. Names listed in Connection join them.
 HOP_BY_HOP = frozenset({
@@ -126,7 +130,7 @@ HOP_BY_HOP = frozenset({
     "proxy-connection", "proxy-authenticate", "proxy-authorization",
 })
 
-# The header fields glb looks at, found by one search over a head's bytes (llhttp
+# The header fields glb looks at, found by one pass over a head's lines (llhttp
 # has checked them already, so every field line is ``\r\nname:OWS value OWS``),
 # each with a code. Every other field is passed on as it came.
 HOP = 1  # hop-by-hop (HOP_BY_HOP but the codes below)
@@ -136,8 +140,7 @@ _FIELD_CODES.update({b"content-length": LENGTH, b"transfer-encoding": CODING, b"
                      b"connection": CONNECTION, b"upgrade": UPGRADE, b"expect": EXPECT,
                      b"x-forwarded-proto": FORWARDED, b"x-forwarded-host": FORWARDED,
                      b"x-forwarded-for": FORWARDED_FOR})
-# Every field whose name starts as one of those does (a cheap first sift; ``_find`` keeps the right ones).
-_FIELD = re.compile(rb"\r\n([CcTtHhUuEeKkPpXx][!#$%&'*+.^_`|~0-9A-Za-z-]*):[ \t]*([^\r]*)")
+_FIRST_BYTES = frozenset(b"CcTtHhUuEeKkPpXx")  # how those names start: a cheap first sift in ``_find``
 RESPONSE_DROP = frozenset({HOP, CODING, CONNECTION, UPGRADE})  # codes a response loses on its way
 _OWS = b" \t"
 
@@ -148,7 +151,7 @@ def decode_pairs(raw):
 
 
 class _Found:
-    """What the search over a head's fields found: ``fields`` ``(code, start, end, value)`` and their sense.
+    """What the pass over a head's fields found: ``fields`` ``(code, start, end, value)`` and their sense.
 
     ``start:end`` spans a field's line without its CRLF (it starts with the CRLF
     before it); ``value`` has no surrounding whitespace. ``connection`` holds the
@@ -160,18 +163,21 @@ class _Found:
 
 _NO_TOKENS = frozenset()
 _CODE_OF = {}  # a field name as sent -> its code, so each spelling is lowered once
-_WHITESPACE_END = (b" ", b"\t")
 
 
 def _find(data, line_end):
-    """One search over the fields of the head ``data`` (its first line ends at ``line_end``)."""
+    """One pass over the fields of the head ``data`` (its first line ends at ``line_end``)."""
     found = _Found()
     fields = found.fields = []
     lengths, codings, hosts = [], [], []
     connection, expect, upgrade = _NO_TOKENS, b"", b""
-    code_of = _CODE_OF
-    for match in _FIELD.finditer(data, line_end, len(data) - 2):
-        name, value = match[1], match[2]
+    code_of, first_bytes = _CODE_OF, _FIRST_BYTES
+    end = line_end
+    for line in data[line_end + 2:].split(b"\r\n")[:-2]:  # every field line (llhttp checked them)
+        start, end = end, end + 2 + len(line)
+        if line[0] not in first_bytes:
+            continue
+        name, _, value = line.partition(b":")
         code = code_of.get(name)
         if code is None:
             lower = name.lower()
@@ -180,9 +186,8 @@ def _find(data, line_end):
                 code_of[name] = code
         if not code:
             continue
-        if value[-1:] in _WHITESPACE_END:
-            value = value.rstrip(_OWS)
-        fields.append((code, match.start(), match.end(), value))
+        value = value.strip(_OWS)
+        fields.append((code, start, end, value))
         if code == HOST:
             hosts.append(value)
         elif code == LENGTH:
@@ -227,7 +232,7 @@ def _framing(found):
         if not lengths[0].isdigit() or len(lengths[0]) > 18:
             raise HeadError("Content-Length is not a number")
         return Framing(length=int(lengths[0]))
-    return Framing()
+    return _NO_FRAMING
 
 
 def _keep_alive(version, connection):
@@ -359,7 +364,7 @@ def parse_response_head(reader, request_method):
     head.verbatim = not connection or connection <= _PLAIN_CONNECTION
     head.keep_alive = _keep_alive(version, connection)
     if request_method == "HEAD" or status < 200 or status in NO_BODY_STATUSES:
-        framing = Framing(length=0)
+        framing = _NO_BODY
     elif not framing.chunked and framing.length is None:
         head.keep_alive = False  # delimited by the backend closing the connection
     head.framing = framing

@@ -64,11 +64,15 @@ class BackendConnection:
 
     def fill(self, wait_first=False):
         """Read what the backend sent next into ``buffer``; BackendClosed at EOF."""
+        self.buffer += self.take(wait_first)
+
+    def take(self, wait_first=False):
+        """What the backend sent next; BackendClosed at EOF."""
         data = self.io.recv(RECV_SIZE, self.read_timeout, wait_first)
         if not data:
             raise BackendClosed(errno.ECONNRESET, "the backend closed the connection")
         self.got_bytes = True
-        self.buffer += data
+        return data
 
     def read_head(self, method, max_size):
         """The next response head (1xx included); raises HeadError for a malformed one.
@@ -77,15 +81,20 @@ class BackendConnection:
         arrived yet unless an interim answer left bytes in ``buffer``.
         """
         reader = HeadReader(response=True, max_size=max_size)
-        wait_first = True
+        buffer = self.buffer
+        if not buffer:  # the common case: the whole head (and often the body) in the first read
+            data = self.take(wait_first=True)
+            end = reader.feed(data)
+            if end is not None:
+                buffer += memoryview(data)[end:]
+                return parse_response_head(reader, method)
+            buffer += data
         while True:
-            if self.buffer:
-                end = reader.feed(self.buffer)
-                if end is not None:
-                    del self.buffer[:end]
-                    return parse_response_head(reader, method)
-            self.fill(wait_first)
-            wait_first = False
+            end = reader.feed(buffer)
+            if end is not None:
+                del buffer[:end]
+                return parse_response_head(reader, method)
+            self.fill()
 
     def closed_while_idle(self):
         """True if the backend closed (or sent something) while this connection sat in the pool."""

@@ -664,8 +664,13 @@ class HttpProxy:
             return self.run(ex, self.answer_backend, conn, response, backend)
         body = b""
         if length:
-            body = bytes(conn.buffer[:length])
-            del conn.buffer[:length]
+            buffer = conn.buffer
+            if len(buffer) == length:
+                body = bytes(buffer)
+                buffer.clear()
+            else:
+                body = bytes(buffer[:length])
+                del buffer[:length]
         if response.keep_alive:
             self.pools.put(conn)
         else:

@@ -97,7 +97,7 @@ class ClientConnection:
             reader = self.reader = HeadReader(max_size=self.max_head_size)
         else:
             reader.restart()
-        while self.buffer[:2] == b"\r\n":  # RFC 9112 §2.2: ignore an empty line before a request
+        while self.buffer.startswith(b"\r\n"):  # RFC 9112 §2.2: ignore an empty line before a request
             del self.buffer[:2]
         if not self.buffer and not first:
             self.idle = True
@@ -109,17 +109,19 @@ class ClientConnection:
                 self.idle = False
             if not data:
                 return None
+            if not data.startswith(b"\r\n"):  # the common case: the whole head in one read, parsed from it
+                end = reader.feed(data)
+                if end is not None:
+                    self.buffer += memoryview(data)[end:]
+                    return self.parsed(reader)
             self.buffer += data
         deadline = time.monotonic() + self.head_timeout
         while True:
             if self.buffer:
                 end = reader.feed(self.buffer)
                 if end is not None:
-                    head = parse_request_head(reader)
                     del self.buffer[:end]
-                    if head.framing.has_body or not head.keep_alive or head.upgrade:
-                        self.reader = None  # llhttp would wait for the body or the close: a new one next time
-                    return head
+                    return self.parsed(reader)
             if deadline <= time.monotonic():
                 return self.head_timed_out()
             try:
@@ -131,6 +133,13 @@ class ClientConnection:
             if not data:
                 return None
             self.buffer += data
+
+    def parsed(self, reader):
+        """The RequestHead ``reader`` holds; the reader is kept for the next head only after a bodiless one."""
+        head = parse_request_head(reader)
+        if head.framing.has_body or not head.keep_alive or head.upgrade:
+            self.reader = None  # llhttp would wait for the body or the close: a new one next time
+        return head
 
     def close_if_idle(self):
         """End a keep-alive connection that waits for its next request (glb is stopping)."""
