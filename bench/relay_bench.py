@@ -32,6 +32,7 @@ round trip of each is compared.
     python bench/relay_bench.py --quick      # ~20 s smoke run
     git worktree add /tmp/glb-before HEAD~1
     python bench/relay_bench.py --compare /tmp/glb-before --no-nginx --no-handler --idle-sessions 0
+    python bench/relay_bench.py --callgrind --compare /tmp/glb-before   # instructions per round trip, ~3 min
 """
 import argparse
 import base64
@@ -549,6 +550,67 @@ def compare_trees(args, tmp, backend_port, backend_pids, deadline, procs):
           f"{(a / b - 1) * 100:+.1f}% ({args.rounds} rounds each, alternating)")
 
 
+def lockstep_rounds(socks, rounds):
+    """Every socket sends one frame, then every echo is read; ``rounds`` times (a fixed amount of work)."""
+    for sock in socks:
+        sock.setblocking(True)
+    for _ in range(rounds):
+        for sock in socks:
+            sock.sendall(FRAME)
+        for sock in socks:
+            got = 0
+            while got < len(ECHO):
+                chunk = sock.recv(4096)
+                if not chunk:
+                    raise ConnectionError("glb closed a session during the callgrind workload")
+                got += len(chunk)
+
+
+def callgrind_instructions(tmp, source, backend_port, deadline, connections=50, rounds=200):
+    """Instructions glb (from the tree ``source``) executes per round trip, counted by valgrind's callgrind.
+
+    A fixed workload (``connections`` sessions in lockstep, ``rounds`` echoes each) after a
+    warm-up, counted between ``callgrind_control --zero`` and ``--dump``: the same count on a
+    quiet or a busy machine, so small changes to the relay's CPU cost can be compared.
+    """
+    port = free_port()
+    config = _common.write_glb_config(tmp, port, backend_port, name="lb-callgrind.ini")
+    out = os.path.join(tmp, "callgrind.out")
+    glb = subprocess.Popen(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable,
+                            "-m", "glb", config], cwd=tmp, env=_common.glb_env(source=source),
+                           stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port, deadline, glb)
+        socks = open_sessions(port, connections, deadline)
+        try:
+            lockstep_rounds(socks, 20)
+            subprocess.run(["callgrind_control", "--zero", str(glb.pid)], check=True, capture_output=True, timeout=60)
+            lockstep_rounds(socks, rounds)
+            subprocess.run(["callgrind_control", "--dump", str(glb.pid)], check=True, capture_output=True,
+                           timeout=60)
+        finally:
+            close_all(socks)
+        dumps = sorted(name for name in os.listdir(tmp) if name.startswith("callgrind.out."))
+        with open(os.path.join(tmp, dumps[-1])) as dump:
+            total = next(int(line.split()[1]) for line in dump if line.startswith(("summary:", "totals:")))
+        for name in dumps:
+            os.remove(os.path.join(tmp, name))
+        return total / (connections * rounds)
+    finally:
+        stop(glb)
+
+
+def report_callgrind(args, tmp, backend_port, deadline):
+    trees = [("this tree", _common.REPO)] + ([(args.compare, args.compare)] if args.compare else [])
+    counts = []
+    for name, source in trees:
+        counts.append(callgrind_instructions(tmp, source, backend_port, deadline))
+        print(f"callgrind: {counts[-1]:8.0f} instructions per round trip in glb ({name}; 50 connections x 200 "
+              f"lockstep echoes)", flush=True)
+    if len(counts) == 2:
+        print(f"callgrind: this tree {(counts[0] / counts[1] - 1) * 100:+.1f}% against {args.compare}")
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -660,6 +722,9 @@ def main(argv=None):
     parser.add_argument("--compare", metavar="DIR", help="also measure the glb in this source tree "
                         "(e.g. a git worktree of an earlier commit), alternately with this one")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds for --compare (default 3)")
+    parser.add_argument("--callgrind", action="store_true",
+                        help="only count glb's instructions per round trip under valgrind's callgrind (a fixed "
+                        "workload, repeatable on a busy machine); with --compare, for both trees")
     parser.add_argument("--serve-echo", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve_echo:
@@ -673,6 +738,8 @@ def main(argv=None):
         args.deadline = 4 * (args.seconds + args.latency_seconds + 10) + args.idle_sessions / 100 + 60
         if args.compare:
             args.deadline += 2 * args.rounds * (args.seconds + args.latency_seconds + 10)
+    if args.callgrind and not (shutil.which("valgrind") and shutil.which("callgrind_control")):
+        parser.error("--callgrind needs valgrind (Debian: apt-get install valgrind)")
     if args.compare and not os.path.isdir(os.path.join(args.compare, "glb")):
         parser.error(f"--compare {args.compare}: no glb package there")
     fd_limit = raise_fd_limit(args.idle_sessions + args.connections + 64)
@@ -693,6 +760,9 @@ def main(argv=None):
         procs.append(backend)
         backend_port = int(backend.stdout.readline())
         backend_pids = [backend.pid]
+        if args.callgrind:
+            report_callgrind(args, tmp, backend_port, deadline)
+            return 0
         version = ""
         if nginx:
             version = subprocess.run([nginx, "-v"], capture_output=True, text=True,
