@@ -655,7 +655,8 @@ class HttpProxy:
         except (OSError, HeadError) as exc:
             conn.close()
             ex = self.new_exchange(client, head, started)
-            stale = isinstance(exc, (ConnectionResetError, BrokenPipeError)) and conn.reused and not conn.got_bytes
+            stale = (isinstance(exc, (ConnectionResetError, BrokenPipeError)) and conn.reused
+                     and not conn.got_bytes and head.method in IDEMPOTENT)
             return self.run(ex, self.forward_and_answer, backend, None if stale else (exc, False))
         framing = response.framing
         length = framing.length
@@ -789,8 +790,10 @@ class HttpProxy:
                 conn.close()
                 stale = (isinstance(exc, (ConnectionResetError, BrokenPipeError)) and conn.reused
                          and not conn.got_bytes and ex.request.client_failure is None)
-                if stale and attempt == 1 and ex.request.replayable:
-                    continue  # the backend had closed the idle connection: once more on a new one
+                # The backend had closed the idle connection: once more on a new one, for a method
+                # that is safe to send twice (RFC 9110 §9.2.2); others were checked at checkout.
+                if stale and attempt == 1 and ex.request.replayable and ex.request.method in IDEMPOTENT:
+                    continue
                 raise
             return HttpResponse(head.status, raw=head.raw_headers, reason=head.reason,
                                 source=BackendBody(self, conn, head, ex.uploading),

@@ -8,6 +8,7 @@ library would refuse to send most of these.
 """
 import re
 import socket
+import struct
 
 import gevent
 import gevent.event
@@ -647,5 +648,48 @@ def test_a_post_reaches_a_backend_that_closes_its_idle_connections_exactly_once(
                     head, body, rest = read_response(sock, rest)
                     assert head.startswith(b"HTTP/1.1 200") and body == b"ok", (i, head)
         assert received == [b"/%d" % i for i in range(5)]
+    finally:
+        server.stop(timeout=0)
+
+
+@pytest.mark.parametrize("method, resent", [("GET", True), ("POST", False)])
+def test_a_request_the_backend_reset_unanswered_is_sent_again_only_when_idempotent(method, resent):
+    """The backend reads the second request on a reused connection, then resets it without answering."""
+    received = []
+
+    def handle(sock, address):
+        data, served = b"", 0
+        while True:
+            while b"\r\n\r\n" not in data or (method == "POST" and not data.split(b"\r\n\r\n", 1)[1][:4]):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    return
+                data += chunk
+            head, data = data.split(b"\r\n\r\n", 1)
+            data = data[4:] if method == "POST" else data
+            path = head.split(b" ", 2)[1]
+            received.append(path)
+            if path == b"/reset" and served:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                sock.close()  # RST: read, never answered
+                return
+            sock.sendall(OK)
+            served += 1
+
+    server = StreamServer(("127.0.0.1", 0), handle)
+    server.start()
+    body = b"Content-Length: 4\r\n\r\nbody" if method == "POST" else b"\r\n"
+    try:
+        with running_glb(**{"backend:one": backend_section(server.server_port)}) as glb:
+            with socket.create_connection(glb.addresses[0], timeout=5) as sock:
+                sock.sendall(b"%s /first HTTP/1.1\r\nHost: x\r\n%s" % (method.encode(), body))
+                head, answer, rest = read_response(sock)
+                assert head.startswith(b"HTTP/1.1 200") and answer == b"ok"
+                sock.sendall(b"%s /reset HTTP/1.1\r\nHost: x\r\n%s" % (method.encode(), body))
+                head, answer, rest = read_response(sock, rest)
+        if resent:  # on a new connection, which the backend answers
+            assert head.startswith(b"HTTP/1.1 200") and received == [b"/first", b"/reset", b"/reset"]
+        else:  # never twice: the backend may have acted on it
+            assert head.startswith(b"HTTP/1.1 502") and received == [b"/first", b"/reset"]
     finally:
         server.stop(timeout=0)
