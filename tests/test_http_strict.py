@@ -6,6 +6,7 @@ receives; after the refusal a good request goes through, and the backend must
 have seen that one request and nothing else. Raw sockets throughout: a client
 library would refuse to send most of these.
 """
+import contextlib
 import re
 import socket
 import struct
@@ -75,6 +76,28 @@ def backend_section(port, http=True):
     if http:
         values["http"] = f"http://127.0.0.1:{port}"
     return values
+
+
+def read_until(sock, marker, data=b""):
+    """What a raw backend reads from ``sock`` until ``marker`` is in it; None if the peer closed first."""
+    while marker not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return None
+        data += chunk
+    return data
+
+
+@contextlib.contextmanager
+def glb_in_front_of(handle):
+    """A raw backend running ``handle(sock, address)`` for each connection, and a glb forwarding HTTP to it."""
+    server = StreamServer(("127.0.0.1", 0), handle)
+    server.start()
+    try:
+        with running_glb(**{"backend:one": backend_section(server.server_port)}) as glb:
+            yield glb
+    finally:
+        server.stop(timeout=0)
 
 
 def exchange(address, data, timeout=5):
@@ -494,26 +517,17 @@ def test_interim_1xx_answers_reach_an_http_1_1_client_before_the_final_one():
 def test_a_pooled_connection_the_backend_closed_is_not_reused():
     """The backend closes each connection right after its answer (without saying so): no request fails."""
     def handle(sock, address):
-        data = b""
-        while b"\r\n\r\n" not in data:
-            chunk = sock.recv(65536)
-            if not chunk:
-                return
-            data += chunk
+        if read_until(sock, b"\r\n\r\n") is None:
+            return
         sock.sendall(OK)
 
-    server = StreamServer(("127.0.0.1", 0), handle)
-    server.start()
-    try:
-        with running_glb(**{"backend:one": backend_section(server.server_port)}) as glb:
-            with socket.create_connection(glb.addresses[0], timeout=5) as sock:
-                rest = b""
-                for i in range(5):
-                    sock.sendall(b"GET /%d HTTP/1.1\r\nHost: x\r\n\r\n" % i)
-                    head, body, rest = read_response(sock, rest)
-                    assert head.startswith(b"HTTP/1.1 200") and body == b"ok", i
-    finally:
-        server.stop(timeout=0)
+    with glb_in_front_of(handle) as glb:
+        with socket.create_connection(glb.addresses[0], timeout=5) as sock:
+            rest = b""
+            for i in range(5):
+                sock.sendall(b"GET /%d HTTP/1.1\r\nHost: x\r\n\r\n" % i)
+                head, body, rest = read_response(sock, rest)
+                assert head.startswith(b"HTTP/1.1 200") and body == b"ok", i
 
 
 def test_a_reload_that_changes_the_balancing_or_http_settings_reaches_plain_http(tmp_path):
@@ -593,33 +607,24 @@ def test_the_head_forwarded_from_bytes_says_what_the_forwarded_pairs_say(raw, ba
 def test_an_idle_pooled_connection_the_backend_writes_to_or_closes_is_dropped_at_once():
     """A backend that answers, then says ``408`` and closes while idle: that never answers the next request."""
     def handle(sock, address):
-        data = b""
-        while b"\r\n\r\n" not in data:
-            chunk = sock.recv(65536)
-            if not chunk:
-                return
-            data += chunk
+        if read_until(sock, b"\r\n\r\n") is None:
+            return
         sock.sendall(OK)
         gevent.sleep(0.05)  # idle for a moment, as a backend's keep-alive timeout would be
         sock.sendall(b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
 
-    server = StreamServer(("127.0.0.1", 0), handle)
-    server.start()
-    try:
-        with running_glb(**{"backend:one": backend_section(server.server_port)}) as glb:
-            pools = glb.http_proxy.pools
-            with socket.create_connection(glb.addresses[0], timeout=5) as sock:
-                rest = b""
-                for i in range(3):
-                    sock.sendall(b"GET /%d HTTP/1.1\r\nHost: x\r\n\r\n" % i)
-                    head, body, rest = read_response(sock, rest)
-                    assert head.startswith(b"HTTP/1.1 200") and body == b"ok", (i, head)
-                    with gevent.Timeout(5):  # the pool lets the connection go when the 408 arrives
-                        while pools.idle_count():
-                            gevent.sleep(0.01)
-            assert pools.opened == 3
-    finally:
-        server.stop(timeout=0)
+    with glb_in_front_of(handle) as glb:
+        pools = glb.http_proxy.pools
+        with socket.create_connection(glb.addresses[0], timeout=5) as sock:
+            rest = b""
+            for i in range(3):
+                sock.sendall(b"GET /%d HTTP/1.1\r\nHost: x\r\n\r\n" % i)
+                head, body, rest = read_response(sock, rest)
+                assert head.startswith(b"HTTP/1.1 200") and body == b"ok", (i, head)
+                with gevent.Timeout(5):  # the pool lets the connection go when the 408 arrives
+                    while pools.idle_count():
+                        gevent.sleep(0.01)
+        assert pools.opened == 3
 
 
 def test_a_post_reaches_a_backend_that_closes_its_idle_connections_exactly_once():
@@ -627,29 +632,21 @@ def test_a_post_reaches_a_backend_that_closes_its_idle_connections_exactly_once(
     received = []
 
     def handle(sock, address):
-        data = b""
-        while b"\r\n\r\nbody" not in data:
-            chunk = sock.recv(65536)
-            if not chunk:
-                return
-            data += chunk
+        data = read_until(sock, b"\r\n\r\nbody")
+        if data is None:
+            return
         received.append(data.split(b" ", 2)[1])
         sock.sendall(OK)
         sock.shutdown(socket.SHUT_WR)  # closes its side at once, without saying so in the answer
 
-    server = StreamServer(("127.0.0.1", 0), handle)
-    server.start()
-    try:
-        with running_glb(**{"backend:one": backend_section(server.server_port)}) as glb:
-            with socket.create_connection(glb.addresses[0], timeout=5) as sock:
-                rest = b""
-                for i in range(5):
-                    sock.sendall(b"POST /%d HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nbody" % i)
-                    head, body, rest = read_response(sock, rest)
-                    assert head.startswith(b"HTTP/1.1 200") and body == b"ok", (i, head)
-        assert received == [b"/%d" % i for i in range(5)]
-    finally:
-        server.stop(timeout=0)
+    with glb_in_front_of(handle) as glb:
+        with socket.create_connection(glb.addresses[0], timeout=5) as sock:
+            rest = b""
+            for i in range(5):
+                sock.sendall(b"POST /%d HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nbody" % i)
+                head, body, rest = read_response(sock, rest)
+                assert head.startswith(b"HTTP/1.1 200") and body == b"ok", (i, head)
+    assert received == [b"/%d" % i for i in range(5)]
 
 
 @pytest.mark.parametrize("method, resent", [("GET", True), ("POST", False)])
@@ -676,20 +673,15 @@ def test_a_request_the_backend_reset_unanswered_is_sent_again_only_when_idempote
             sock.sendall(OK)
             served += 1
 
-    server = StreamServer(("127.0.0.1", 0), handle)
-    server.start()
     body = b"Content-Length: 4\r\n\r\nbody" if method == "POST" else b"\r\n"
-    try:
-        with running_glb(**{"backend:one": backend_section(server.server_port)}) as glb:
-            with socket.create_connection(glb.addresses[0], timeout=5) as sock:
-                sock.sendall(b"%s /first HTTP/1.1\r\nHost: x\r\n%s" % (method.encode(), body))
-                head, answer, rest = read_response(sock)
-                assert head.startswith(b"HTTP/1.1 200") and answer == b"ok"
-                sock.sendall(b"%s /reset HTTP/1.1\r\nHost: x\r\n%s" % (method.encode(), body))
-                head, answer, rest = read_response(sock, rest)
-        if resent:  # on a new connection, which the backend answers
-            assert head.startswith(b"HTTP/1.1 200") and received == [b"/first", b"/reset", b"/reset"]
-        else:  # never twice: the backend may have acted on it
-            assert head.startswith(b"HTTP/1.1 502") and received == [b"/first", b"/reset"]
-    finally:
-        server.stop(timeout=0)
+    with glb_in_front_of(handle) as glb:
+        with socket.create_connection(glb.addresses[0], timeout=5) as sock:
+            sock.sendall(b"%s /first HTTP/1.1\r\nHost: x\r\n%s" % (method.encode(), body))
+            head, answer, rest = read_response(sock)
+            assert head.startswith(b"HTTP/1.1 200") and answer == b"ok"
+            sock.sendall(b"%s /reset HTTP/1.1\r\nHost: x\r\n%s" % (method.encode(), body))
+            head, answer, rest = read_response(sock, rest)
+    if resent:  # on a new connection, which the backend answers
+        assert head.startswith(b"HTTP/1.1 200") and received == [b"/first", b"/reset", b"/reset"]
+    else:  # never twice: the backend may have acted on it
+        assert head.startswith(b"HTTP/1.1 502") and received == [b"/first", b"/reset"]
