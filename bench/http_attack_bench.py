@@ -41,6 +41,7 @@ def main(argv=None):
     import gevent
     from gevent.server import StreamServer
 
+    from tests.support import send_byte_by_byte
     from tests.test_http_strict import SMUGGLING
 
     received = bytearray()
@@ -84,20 +85,7 @@ def main(argv=None):
 
         def slow_client():
             started = time.monotonic()
-            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-                for byte in head:  # at most len(head) steps of 0.2 s
-                    try:
-                        sock.sendall(bytes([byte]))
-                    except OSError:
-                        break
-                    if gevent.select.select([sock], [], [], 0.2)[0]:
-                        break
-                reply = b""
-                try:
-                    while chunk := sock.recv(65536):
-                        reply += chunk
-                except OSError:
-                    pass
+            _, reply = send_byte_by_byte(("127.0.0.1", port), head, timeout=10)
             outcomes.append((reply.split(b"\r\n", 1)[0], time.monotonic() - started))
 
         clients = [gevent.spawn(slow_client) for _ in range(args.slow)]

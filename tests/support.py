@@ -13,6 +13,7 @@ import urllib.request
 import gevent
 import gevent.event
 import gevent.queue
+import gevent.select
 import gevent.subprocess
 import websocket  # websocket-client
 from prometheus_client.parser import text_string_to_metric_families
@@ -74,6 +75,30 @@ def raw_http(address, request: bytes, timeout=5):
                 break
             chunks.append(data)
     return b"".join(chunks)
+
+
+def send_byte_by_byte(address, data, step=0.2, timeout=5):
+    """A slowloris client: ``data`` one byte per ``step`` seconds until the server answers or closes.
+
+    Bounded: at most ``len(data)`` steps. Returns (bytes sent, everything the server sent).
+    """
+    with socket.create_connection(address, timeout=timeout) as sock:
+        sent = 0
+        for byte in data:
+            try:
+                sock.sendall(bytes([byte]))
+            except OSError:
+                break
+            sent += 1
+            if gevent.select.select([sock], [], [], step)[0]:
+                break
+        reply = b""
+        try:
+            while chunk := sock.recv(65536):
+                reply += chunk
+        except OSError:
+            pass
+    return sent, reply
 
 
 def upgrade_request(path="/glb/echo", host="127.0.0.1", version="13",

@@ -18,7 +18,7 @@ from gevent.server import StreamServer
 
 from glb.agent import Agent
 from glb.http_parse import ChunkedBody, HeadError, HeadReader, parse_request_head
-from tests.support import hand_frame, running_glb, upgrade_request
+from tests.support import hand_frame, running_glb, send_byte_by_byte, upgrade_request
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -249,24 +249,7 @@ def test_a_slowloris_client_is_dropped_at_the_head_deadline():
     outcomes = []
 
     def slow_client(address):
-        with socket.create_connection(address, timeout=5) as sock:
-            sent = 0
-            for byte in head:  # bounded: len(head) steps at most
-                try:
-                    sock.sendall(bytes([byte]))
-                except OSError:
-                    break
-                sent += 1
-                readable = gevent.select.select([sock], [], [], 0.2)[0]
-                if readable:
-                    break
-            reply = b""
-            try:
-                while chunk := sock.recv(65536):
-                    reply += chunk
-            except OSError:
-                pass
-            outcomes.append((sent, reply))
+        outcomes.append(send_byte_by_byte(address, head))
 
     with RawBackend() as backend, running_glb(**{"backend:one": backend_section(backend.port),
                                                  "glb": {"handshake_timeout": "1"}}) as glb:
