@@ -269,6 +269,17 @@ _PARSERS = {
 }
 
 
+def _json_object(text):
+    """The JSON object a text frame holds, or None when it holds none (an envelope, garbage)."""
+    if not text.startswith("{"):
+        return None
+    try:
+        obj = json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
 def parse_record(text):
     """The record in a control text frame, or ``None`` when the frame is not a record.
 
@@ -276,13 +287,8 @@ def parse_record(text):
     """
     if text == READY:
         return Ready()
-    if not text.startswith("{"):
-        return None
-    try:
-        obj = json.loads(text)
-    except (ValueError, RecursionError):
-        return None
-    if not isinstance(obj, dict):
+    obj = _json_object(text)
+    if obj is None:
         return None
     method = obj.get("method")
     parser = _PARSERS.get(method) if isinstance(method, str) else None
@@ -338,13 +344,8 @@ def parse_ready_set(text):
 
     Raises RecordError for a ``glb@lb@ready`` record with bad fields.
     """
-    if not text.startswith("{"):
-        return None
-    try:
-        obj = json.loads(text)
-    except (ValueError, RecursionError):
-        return None
-    if not isinstance(obj, dict) or obj.get("method") != READY_SET:
+    obj = _json_object(text)
+    if obj is None or obj.get("method") != READY_SET:
         return None
     return _build(ReadySet, READY_SET, obj, (), ("ready", "joined", "left"))
 
